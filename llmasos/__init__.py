@@ -1,0 +1,36 @@
+"""LLMasOS: an operating system for large language models — get, run, serve, train and evaluate them."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Public names, imported on first use so that `import llmasos` (and the CLI's start) stays fast.
+_EXPORTS = {
+    "LLM": "llmasos.llm",
+    "SamplingParams": "llmasos.sampling_params",
+    "RequestOutput": "llmasos.outputs",
+    "CompletionOutput": "llmasos.outputs",
+    "Tokenizer": "llmasos.tokenizer",
+    "LLMasOSError": "llmasos.errors",
+    "ModelLoadError": "llmasos.errors",
+}
+
+if TYPE_CHECKING:
+    from llmasos.errors import LLMasOSError, ModelLoadError
+    from llmasos.llm import LLM
+    from llmasos.outputs import CompletionOutput, RequestOutput
+    from llmasos.sampling_params import SamplingParams
+    from llmasos.tokenizer import Tokenizer
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmasos' has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
+
+__all__ = ["LLM", "CompletionOutput", "LLMasOSError", "ModelLoadError", "RequestOutput", "SamplingParams", "Tokenizer"]

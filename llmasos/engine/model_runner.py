@@ -1,0 +1,54 @@
+"""ModelRunner: turns a scheduled step into one batched forward over the paged KV cache, then samples."""
+
+from __future__ import annotations
+
+import torch
+
+from llmasos.engine.kv_cache import KVCacheManager, allocate_kv_tensors
+from llmasos.engine.request import Request
+from llmasos.engine.sampler import sample
+from llmasos.models import CausalLM
+from llmasos.models.attention import AttentionMetadata
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.kv_tensors = allocate_kv_tensors(model.config, kv.num_blocks, kv.block_size, dtype, device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Request, int]]) -> list[tuple[Request, int, dict | None]]:
+        """Run one step. Returns (request, sampled token, logprobs) for each request whose known tokens are now all
+        computed; requests in the middle of a chunked prefill sample nothing."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, block_tables = [], [], []
+        sampling_rows: list[int] = []
+        sampling_requests: list[Request] = []
+        size = self.kv.block_size
+        for request, num_new in scheduled:
+            start = request.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = [block.block_id for block in request.blocks]
+            slots.extend(table[p // size] * size + p % size for p in range(start, end))
+            query_lens.append(num_new)
+            context_lens.append(end)
+            block_tables.append(table)
+            if end == request.num_tokens:
+                sampling_rows.append(len(input_ids) - 1)
+                sampling_requests.append(request)
+        device = self.device
+        attn = AttentionMetadata(
+            query_lens=query_lens, context_lens=context_lens, kv_cache=self.kv_tensors,
+            slot_mapping=torch.tensor(slots, device=device), block_tables=block_tables, block_size=size)
+        hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), attn)
+        if not sampling_requests:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(sampling_rows, device=device)])
+        token_ids, logprobs = sample(logits, sampling_requests)
+        return list(zip(sampling_requests, token_ids, logprobs, strict=True))

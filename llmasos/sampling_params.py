@@ -1,0 +1,86 @@
+"""SamplingParams: everything that shapes one request's generation, validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to generate; the names and meanings follow vLLM and the OpenAI API. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        check(is_int(self.max_tokens) and self.max_tokens >= 0,
+              f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+        check(is_int(self.n) and 1 <= self.n <= 128, f"n must be an integer from 1 to 128, got {self.n!r}")
+        check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
+              f"temperature must be a number from 0 to 100, got {self.temperature!r}")
+        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+              f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
+              f"top_k must be -1 (disabled) or a non-negative integer, got {self.top_k!r}")
+        check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1,
+              f"min_p must be in [0, 1], got {self.min_p!r}")
+        check(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        check(isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10,
+              f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        check(is_int(self.min_tokens) and 0 <= self.min_tokens,
+              f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        check(self.min_tokens <= self.max_tokens,
+              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        check(all(isinstance(s, str) and s for s in stops), "stop must be a non-empty string or a list of them")
+        self.stop_strings = stops
+        ids = list(self.stop_token_ids or [])
+        check(all(is_int(i) and i >= 0 for i in ids), "stop_token_ids must be a list of non-negative integers")
+        self.stop_token_ids = ids
+        if self.logit_bias is not None:
+            check(isinstance(self.logit_bias, dict), "logit_bias must map token ids to numbers")
+            bias: dict[int, float] = {}
+            for key, value in self.logit_bias.items():
+                try:
+                    token = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+                check(token >= 0, f"logit_bias key {key!r} is not a token id")
+                check(isinstance(value, (int, float)) and -100 <= value <= 100,
+                      f"logit_bias values must be in [-100, 100], got {value!r} for token {token}")
+                bias[token] = float(value)
+            self.logit_bias = bias
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
