@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 
 import click
 
 from llmasos import __version__
+
+# Each module defines `register(cli: click.Group)`; heavy imports (torch) happen inside the commands.
+COMMAND_MODULES = ("generate", "library", "serve", "keys", "train", "evaluate", "run")
 
 
 class CLIGroup(click.Group):
@@ -31,23 +36,10 @@ def cli() -> None:
     """LLMasOS: get, run, serve, train and evaluate language models."""
 
 
-@cli.command()
-@click.option("--model", "-m", required=True, help="Checkpoint directory.")
-@click.option("--max-tokens", default=64, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float)
-@click.option("--seed", default=None, type=int)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.argument("prompt", nargs=-1, required=True)
-def generate(model: str, max_tokens: int, temperature: float, seed: int | None, dtype: str, device: str,
-             prompt: tuple[str, ...]) -> None:
-    """Generate a continuation of PROMPT with a model."""
-    from llmasos import LLM, SamplingParams
-
-    llm = LLM.load(model, dtype=dtype, device=device)
-    text = " ".join(prompt)
-    output = llm.generate(text, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed))[0]
-    click.echo(text + output.text)
+for _name in COMMAND_MODULES:
+    _module_name = f"llmasos.cli.{_name}"
+    if importlib.util.find_spec(_module_name) is not None:
+        importlib.import_module(_module_name).register(cli)
 
 
 def main() -> None:
