@@ -16,13 +16,20 @@ _EXPORTS = {
     "Tokenizer": "llmasos.tokenizer",
     "LLMasOSError": "llmasos.errors",
     "ModelLoadError": "llmasos.errors",
+    "AsyncLLM": "llmasos.engine.async_llm",
+    "LLMServing": "llmasos.server.serving",
+    "Client": "llmasos.client",
+    "AsyncClient": "llmasos.client",
 }
 
 if TYPE_CHECKING:
+    from llmasos.client import AsyncClient, Client
+    from llmasos.engine.async_llm import AsyncLLM
     from llmasos.errors import LLMasOSError, ModelLoadError
     from llmasos.llm import LLM
     from llmasos.outputs import CompletionOutput, RequestOutput
     from llmasos.sampling_params import SamplingParams
+    from llmasos.server.serving import LLMServing
     from llmasos.tokenizer import Tokenizer
 
 
@@ -33,4 +40,7 @@ def __getattr__(name: str):
     return getattr(import_module(module), name)
 
 
-__all__ = ["LLM", "CompletionOutput", "LLMasOSError", "ModelLoadError", "RequestOutput", "SamplingParams", "Tokenizer"]
+__all__ = [
+    "AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "LLM", "LLMServing", "LLMasOSError", "ModelLoadError",
+    "RequestOutput", "SamplingParams", "Tokenizer",
+]

@@ -1,0 +1,63 @@
+"""`llmasos serve`: the OpenAI-compatible server over one or more models."""
+
+from __future__ import annotations
+
+import click
+
+
+def _default_model() -> str:
+    try:
+        from llmasos.library import default_model_name
+    except ImportError:
+        default_model_name = None
+    name = default_model_name() if default_model_name else None
+    if not name:
+        raise click.UsageError("no model given and no default model is installed: pass --model DIR, or get one "
+                               "with `llmasos pull NAME` or `llmasos import DIR --name NAME`")
+    return name
+
+
+@click.command()
+@click.option("--model", "-m", "models", multiple=True, help="Library name or checkpoint directory (repeatable).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--served-model-name", default=None, help="Model id clients use (one model only).")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--kv-cache-memory", default=None, help="KV cache budget per model, e.g. 2GiB.")
+@click.option("--max-num-seqs", default=256, show_default=True, type=int)
+@click.option("--max-queue", default=512, show_default=True, type=int, help="Waiting requests before 503.")
+@click.option("--max-body-bytes", default=4 << 20, show_default=True, type=int)
+@click.option("--price-table", type=click.Path(dir_okay=False), default=None,
+              help='JSON {"model": {"input": $/1M, "output": $/1M}}.')
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=float)
+@click.option("--allow-unauthenticated", is_flag=True, help="Allow a non-loopback bind with no API keys.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, max_queue,
+          max_body_bytes, price_table, shutdown_timeout, allow_unauthenticated, log_level) -> None:
+    """Serve models over the OpenAI API (completions, chat, embeddings)."""
+    from llmasos.server.metering import PriceTable
+    from llmasos.server.serving import check_bind, load_served_model, run_server
+    from llmasos.server.state import ServerSettings
+
+    check_bind(host, allow_unauthenticated)  # before minutes of loading
+    models = models or (_default_model(),)
+    if served_model_name and len(models) > 1:
+        raise click.UsageError("--served-model-name applies to a single --model")
+    settings = ServerSettings(host=host, port=port, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                              shutdown_timeout=shutdown_timeout, allow_unauthenticated=allow_unauthenticated,
+                              price_table=PriceTable.from_file(price_table) if price_table else PriceTable())
+    served = {}
+    for name in models:
+        model = load_served_model(name, served_model_name, dtype=dtype, device=device,
+                                  kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs)
+        if model.id in served:
+            raise click.UsageError(f"two models would be served as {model.id!r}; give distinct names")
+        served[model.id] = model
+        click.echo(f"loaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters)", err=True)
+    click.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1", err=True)
+    run_server(served, settings, log_level)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve)

@@ -1,0 +1,191 @@
+"""create_app: the FastAPI application — body limits, OpenAI-shaped errors, authentication on every routed path
+except /health, and the model, usage, health and metrics routes (generation routes live in openai_routes.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmasos.server.auth import KeyInfo, lookup_key, usage_summary
+from llmasos.server.protocol import APIError
+from llmasos.server.state import ServedModel, ServerSettings, ServerState
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over the limit with 413, whether announced by Content-Length or streamed in chunks."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    """Read and validate a JSON body; every failure is a 400 naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"]
+        raise APIError(400, f"invalid value for {param}: {message}" if param else message, param=param) from None
+
+
+def authenticate(request: Request) -> KeyInfo | None:
+    """The key of this request (None when the server runs without keys). Runs as a dependency of the matched
+    route, so the decision always concerns the path that is actually served."""
+    state: ServerState = request.app.state.llmasos
+    if not state.auth_required():
+        request.state.key = None
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", type="invalid_request_error",
+                       code="invalid_api_key")
+    key = lookup_key(secret.strip())
+    if key is None:
+        raise APIError(401, "incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
+    request.state.key = key
+    return key
+
+
+def served_model(state: ServerState, model_id: str, key: KeyInfo | None) -> ServedModel:
+    served = state.models.get(model_id)
+    if served is None:
+        raise APIError(404, f"the model {model_id!r} does not exist; GET /v1/models lists the served models",
+                       param="model", code="model_not_found")
+    if key is not None and not key.allows(model_id):
+        raise APIError(403, f"key {key.name!r} is not allowed to use model {model_id!r}", type="permission_error",
+                       param="model", code="model_not_allowed")
+    return served
+
+
+def create_app(models: dict[str, ServedModel], settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    app = FastAPI(title="LLMasOS", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ServerState(models=models, settings=settings)
+    app.state.llmasos = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        return error_response(APIError(400, f"invalid value for {param}: {first['msg']}", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception):
+        log.exception("internal error")  # details go to the log, never to the client
+        return error_response(APIError(500, "internal server error", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        alive = all(m.async_llm.is_alive for m in state.models.values())
+        return JSONResponse({"status": "ok" if alive else "unavailable"}, status_code=200 if alive else 503)
+
+    protected = APIRouter(dependencies=[Depends(authenticate)])
+
+    @protected.get("/metrics")
+    async def metrics():
+        state.metrics.refresh(state.models)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card(served: ServedModel) -> dict:
+        return {"id": served.id, "object": "model", "created": served.created, "owned_by": "llmasos",
+                "max_model_len": served.max_model_len}
+
+    @protected.get("/v1/models")
+    async def list_models(request: Request):
+        key = request.state.key
+        return {"object": "list", "data": [model_card(m) for m in state.models.values()
+                                           if key is None or key.allows(m.id)]}
+
+    @protected.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        return model_card(served_model(state, model_id, request.state.key))
+
+    @protected.get("/v1/usage")
+    async def usage(request: Request):
+        key = request.state.key
+        if key is None:
+            raise APIError(400, "usage is per API key; this server runs without keys")
+        return {"object": "list", "data": usage_summary(key.name)}
+
+    from llmasos.server.openai_routes import add_generation_routes
+
+    add_generation_routes(protected, state)
+    app.include_router(protected)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestCounterMiddleware, metrics=state.metrics)
+    return app
+
+
+class RequestCounterMiddleware:
+    """Count responses by the route that matched (its template, not the raw path) and status."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()

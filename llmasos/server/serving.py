@@ -1,0 +1,166 @@
+"""Running the server: load the models, guard the bind address, run uvicorn with graceful shutdown; and the seeds'
+`LLMServing` API, which runs the same server in a background thread of the calling process."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from llmasos.server.state import ServedModel, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_served_model(name_or_path: str | Path, served_name: str | None = None, **llm_options: Any) -> ServedModel:
+    """Load a library model or a checkpoint directory and start its engine thread."""
+    from llmasos.engine.async_llm import AsyncLLM
+    from llmasos.llm import LLM
+
+    resolved = _resolve(name_or_path)
+    llm = LLM.load(resolved["path"], **llm_options)
+    model_id = served_name or resolved["name"]
+    return ServedModel(id=model_id, llm=llm, async_llm=AsyncLLM(llm), path=Path(resolved["path"]),
+                       system_prompt=resolved.get("system"), default_params=resolved.get("parameters") or {},
+                       chat_template=resolved.get("template"))
+
+
+def _resolve(name_or_path: str | Path) -> dict[str, Any]:
+    """A library name (when the library knows it) or a directory, whose base name becomes the model id."""
+    try:
+        from llmasos.library import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        model = resolve_model(str(name_or_path))
+        return {"name": model.name, "path": model.path, "system": model.system, "parameters": model.parameters,
+                "template": model.template}
+    path = Path(name_or_path).expanduser()
+    return {"name": path.resolve().name, "path": path}
+
+
+def check_bind(host: str, allow_unauthenticated: bool) -> None:
+    from llmasos.server.auth import active_key_count
+
+    if not is_loopback(host) and active_key_count() == 0 and not allow_unauthenticated:
+        raise ValueError(f"refusing to serve on {host} without API keys: create one with `llmasos keys create "
+                         "--name NAME`, bind 127.0.0.1, or pass --allow-unauthenticated")
+
+
+def build_server(models: dict[str, ServedModel], settings: ServerSettings, log_level: str = "info") -> uvicorn.Server:
+    from llmasos.server.app import create_app
+
+    app = create_app(models, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout), access_log=False)
+    return uvicorn.Server(config)
+
+
+def run_server(models: dict[str, ServedModel], settings: ServerSettings, log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT: uvicorn stops accepting, drains in-flight requests up to the shutdown timeout,
+    then the engines stop."""
+    check_bind(settings.host, settings.allow_unauthenticated)
+    server = build_server(models, settings, log_level)
+    try:
+        server.run()
+    finally:
+        for served in models.values():
+            served.async_llm.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Service:
+    """A server running in a background thread of this process."""
+
+    def __init__(self, models: dict[str, ServedModel], settings: ServerSettings) -> None:
+        self.models, self.settings = models, settings
+        self.base_url = f"http://{settings.host}:{settings.port}"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 60.0) -> Service:
+        """Start serving and return once /health answers 200."""
+        check_bind(self.settings.host, self.settings.allow_unauthenticated)
+        self._server = build_server(self.models, self.settings, log_level="warning")
+        self._thread = threading.Thread(target=self._server.run, name="llmasos-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server failed to start on {self.base_url} (is the port in use?)")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"the server did not become healthy within {timeout} s")
+
+    def predict(self, text: str, api_key: str | None = None, **params: Any) -> str:
+        """Complete `text` with the first served model; `params` are completion fields (max_tokens, temperature)."""
+        model_id = next(iter(self.models))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        response = httpx.post(f"{self.base_url}/v1/completions", json={"model": model_id, "prompt": text, **params},
+                              headers=headers, timeout=600)
+        if response.status_code != 200:
+            raise RuntimeError(f"prediction failed ({response.status_code}): {response.text}")
+        return response.json()["choices"][0]["text"]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.shutdown_timeout + 5)
+        for served in self.models.values():
+            served.async_llm.shutdown()
+
+    def __enter__(self) -> Service:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class LLMServing:
+    """The seeds' serving API.
+
+    >>> serving = LLMServing.from_pretrained("my_llm")
+    >>> service = serving.create_service(port=8000)
+    >>> service.start(); service.predict(text="Hello"); service.stop()
+    """
+
+    def __init__(self, name_or_path: str | Path, served_name: str | None = None, **load_options: Any) -> None:
+        self.name_or_path = name_or_path
+        self.served_name = served_name
+        self.load_options = load_options
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **load_options: Any) -> LLMServing:
+        return cls(name_or_path, **load_options)
+
+    def create_service(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> Service:
+        """options: ServerSettings fields (max_queue, allow_unauthenticated, ...)."""
+        served = load_served_model(self.name_or_path, self.served_name, **self.load_options)
+        settings = ServerSettings(host=host, port=port or free_port(), **options)
+        return Service({served.id: served}, settings)

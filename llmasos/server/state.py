@@ -1,0 +1,97 @@
+"""What a running server holds: the served models, settings, limiter, price table and Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llmasos.server.metering import Limiter, PriceTable
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 << 20
+    max_queue: int = 512  # waiting requests per model before 503
+    shutdown_timeout: float = 30.0
+    allow_unauthenticated: bool = False
+    price_table: PriceTable = field(default_factory=PriceTable)
+
+
+@dataclass
+class ServedModel:
+    """One model behind the API: its engine front and the library's per-model defaults."""
+
+    id: str
+    llm: Any  # llmasos.LLM
+    async_llm: Any  # llmasos.engine.async_llm.AsyncLLM
+    path: Path | None = None
+    system_prompt: str | None = None
+    default_params: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+    @property
+    def num_parameters(self) -> int:
+        return self.llm.model.num_parameters()
+
+
+class ServerMetrics:
+    """Prometheus metrics in a registry of the app's own (several apps can live in one test process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llmasos_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("llmasos_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("llmasos_generation_tokens", "Tokens generated", ["model"], registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("llmasos_time_to_first_token_seconds", "Time to first token", ["model"],
+                              buckets=buckets, registry=r)
+        self.itl = Histogram("llmasos_inter_token_latency_seconds", "Time between streamed tokens", ["model"],
+                             buckets=buckets, registry=r)
+        self.running = Gauge("llmasos_num_requests_running", "Requests in the running batch", ["model"], registry=r)
+        self.waiting = Gauge("llmasos_num_requests_waiting", "Requests waiting for the batch", ["model"], registry=r)
+        self.kv_usage = Gauge("llmasos_kv_cache_usage_ratio", "Share of KV blocks in use", ["model"], registry=r)
+        self.preemptions = Gauge("llmasos_num_preemptions", "Preemptions since start", ["model"], registry=r)
+        self.prefix_hit_rate = Gauge("llmasos_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
+                                     ["model"], registry=r)
+
+    def refresh(self, models: dict[str, ServedModel]) -> None:
+        for model_id, served in models.items():
+            stats = served.llm.metrics()
+            self.running.labels(model_id).set(stats["num_running"])
+            self.waiting.labels(model_id).set(stats["num_waiting"])
+            self.kv_usage.labels(model_id).set(stats["kv_cache_usage"])
+            self.preemptions.labels(model_id).set(stats["num_preemptions"])
+            self.prefix_hit_rate.labels(model_id).set(stats["prefix_cache_hit_rate"])
+
+
+@dataclass
+class ServerState:
+    models: dict[str, ServedModel]
+    settings: ServerSettings
+    limiter: Limiter = field(default_factory=Limiter)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    _auth_cache: tuple[float, bool] = (0.0, False)
+
+    def auth_required(self) -> bool:
+        """True once any active key exists (re-checked at most once a second)."""
+        from llmasos.server.auth import active_key_count
+
+        checked_at, required = self._auth_cache
+        now = time.monotonic()
+        if now - checked_at > 1.0:
+            required = active_key_count() > 0
+            self._auth_cache = (now, required)
+        return required
