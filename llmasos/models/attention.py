@@ -55,8 +55,9 @@ class AttentionMetadata:
         if not self.decode_seqs and len(set(self.query_lens)) == 1 and self.query_lens == self.context_lens:
             # Equal-length fresh sequences (training, scoring): one batched call.
             batch, length = len(self.query_lens), self.query_lens[0]
+            mask = self._mask(length, length, sliding_window, q.device)
             out = _attention(_heads_first(q, batch, length), _heads_first(k, batch, length),
-                             _heads_first(v, batch, length), self._mask(length, length, sliding_window), scale, softcap)
+                             _heads_first(v, batch, length), mask, scale, softcap)
             return out.transpose(1, 2).reshape(q.shape)
         out = torch.empty_like(q)
         for i in self.prefill_seqs:
@@ -66,7 +67,7 @@ class AttentionMetadata:
                 keys, values = k[start:end], v[start:end]
             else:
                 keys, values = self._gather(layer_idx, self.block_tables[i], context_len)
-            mask = self._mask(query_len, context_len, sliding_window)
+            mask = self._mask(query_len, context_len, sliding_window, q.device)
             seq_out = _attention(q[start:end].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
                                  values.transpose(0, 1).unsqueeze(0), mask, scale, softcap)
             out[start:end] = seq_out[0].transpose(0, 1)
@@ -116,15 +117,16 @@ class AttentionMetadata:
         result = _attention(queries, keys.to(q.dtype), values.to(q.dtype), mask, scale, softcap)
         out.index_copy_(0, d["token_index"], result.squeeze(2))
 
-    def _mask(self, query_len: int, context_len: int, sliding_window: int | None) -> torch.Tensor | None:
+    def _mask(self, query_len: int, context_len: int, sliding_window: int | None,
+              device: torch.device) -> torch.Tensor | None:
         """Causal (and windowed) boolean mask, True = attend; None when plain causal from position 0 suffices."""
         if query_len == context_len and (sliding_window is None or sliding_window >= context_len):
             return None
         key = (query_len, context_len, sliding_window)
         mask = self._masks.get(key)
         if mask is None:
-            query_pos = torch.arange(context_len - query_len, context_len).unsqueeze(1)
-            key_pos = torch.arange(context_len).unsqueeze(0)
+            query_pos = torch.arange(context_len - query_len, context_len, device=device).unsqueeze(1)
+            key_pos = torch.arange(context_len, device=device).unsqueeze(0)
             mask = key_pos <= query_pos
             if sliding_window is not None:
                 mask &= key_pos > query_pos - sliding_window
@@ -141,8 +143,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     """q (batch, heads, q_len, dim), k/v (batch, kv_heads, k_len, dim); mask None means causal."""
     if softcap is not None:
         return _softcapped_attention(q, k, v, mask, scale, softcap)
-    if mask is not None and mask.device != q.device:
-        mask = mask.to(q.device)
     causal = mask is None and q.shape[2] > 1
     if _SDPA_HAS_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
@@ -163,6 +163,6 @@ def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     if mask is None:
         q_len, k_len = scores.shape[-2:]
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-    scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(weights, v)
