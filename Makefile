@@ -21,8 +21,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job: the OpenAI-compatible server on http://$(HOST):$(PORT)/v1, serving the bundled model
+# (or MODEL=<library name or checkpoint directory>).
 serve: setup
-	$(BIN)/llmasos generate --model "$(MODEL)" "Once upon a time"
+	$(BIN)/llmasos serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
 
 test: setup
 	$(BIN)/python -m pytest -q
