@@ -20,6 +20,9 @@ _EXPORTS = {
     "LLMServing": "llmasos.server.serving",
     "Client": "llmasos.client",
     "AsyncClient": "llmasos.client",
+    "LLMTrainer": "llmasos.train.trainer",
+    "TrainingArguments": "llmasos.train.arguments",
+    "pipeline": "llmasos.pipelines",
 }
 
 if TYPE_CHECKING:
@@ -28,9 +31,12 @@ if TYPE_CHECKING:
     from llmasos.errors import LLMasOSError, ModelLoadError
     from llmasos.llm import LLM
     from llmasos.outputs import CompletionOutput, RequestOutput
+    from llmasos.pipelines import pipeline
     from llmasos.sampling_params import SamplingParams
     from llmasos.server.serving import LLMServing
     from llmasos.tokenizer import Tokenizer
+    from llmasos.train.arguments import TrainingArguments
+    from llmasos.train.trainer import LLMTrainer
 
 
 def __getattr__(name: str):
@@ -41,6 +47,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "LLM", "LLMServing", "LLMasOSError", "ModelLoadError",
-    "RequestOutput", "SamplingParams", "Tokenizer",
+    "AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "LLM", "LLMServing", "LLMTrainer", "LLMasOSError",
+    "ModelLoadError", "RequestOutput", "SamplingParams", "Tokenizer", "TrainingArguments",
+    "pipeline",
 ]

@@ -54,7 +54,12 @@ def _events(lines) -> Iterator[dict]:
         data = line[len("data: "):]
         if data.strip() == "[DONE]":
             return
-        yield json.loads(data)
+        event = json.loads(data)
+        if isinstance(event, dict) and "error" in event:  # the server failed after the stream had started
+            error = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+            raise APIError(500, error.get("message") or "the stream failed", error.get("type"), error.get("code"),
+                           error.get("param"))
+        yield event
 
 
 class _Base:

@@ -11,3 +11,19 @@ class ModelLoadError(LLMasOSError, ValueError):
 
 class TemplateError(LLMasOSError, ValueError):
     """A chat template failed to render, or tried to do something the sandbox forbids."""
+
+
+class EvalDataError(LLMasOSError, ValueError):
+    """An evaluation data or task file cannot be used: missing, a malformed line, a missing field."""
+
+
+class EndpointError(LLMasOSError, ValueError):
+    """An OpenAI-compatible endpoint cannot be reached, refuses a request, or lacks what an evaluation needs."""
+
+
+class TrainingDataError(LLMasOSError, ValueError):
+    """Training or evaluation data cannot be used: unreadable file, malformed line, nothing left to train on."""
+
+
+class LibraryError(LLMasOSError, ValueError):
+    """A model library operation was refused or failed: bad name, unknown model, invalid checkpoint, failed pull."""

@@ -52,6 +52,9 @@ class LLM:
         self.dtype = dtype
         self.device = device
         self.path = path
+        # Set by `load` for a library model (its Modelfile SYSTEM and PARAMETERs); plain directories have none.
+        self.system_prompt: str | None = None
+        self.default_parameters: dict[str, Any] = {}
         self.eos_token_ids = (_as_id_set(generation_config.get("eos_token_id")) | set(config.eos_token_ids)
                               | _as_id_set(tokenizer.eos_token_id))
         self.engine = LLMEngine(model, tokenizer, self.eos_token_ids, dtype, device, engine_config)
@@ -60,18 +63,32 @@ class LLM:
     def load(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
              num_kv_blocks: int | None = None, kv_cache_memory: int | str | None = None, block_size: int = 16,
              max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-             max_model_len: int | None = None) -> LLM:
-        """Load a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)."""
+             max_model_len: int | None = None, enforce_eager: bool = False) -> LLM:
+        """Load a library model by name (`llmasos list`) or a Hugging Face checkpoint directory (config.json,
+        safetensors, tokenizer.json). A library model's chat template, system prompt and default parameters apply."""
+        from llmasos.library import resolve_model
+
+        resolved = resolve_model(path)
+        path = resolved.path
         engine_config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                                      kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens,
-                                     enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len)
+                                     enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                                     enforce_eager=enforce_eager)
         model, config = load_model(path, dtype=dtype, device=device)
+        if resolved.adapter is not None:  # a Modelfile ADAPTER: merged into the weights once, at load
+            from llmasos.train.lora import apply_adapter
+
+            apply_adapter(model, resolved.adapter)
         directory = Path(path).expanduser()
         tokenizer = Tokenizer.from_dir(directory)
+        if resolved.template is not None:
+            tokenizer.chat_template = resolved.template
         generation_config = read_generation_config(directory)
         param = next(model.parameters())
-        return cls(model, config, tokenizer, generation_config, param.dtype, param.device, engine_config, directory)
+        llm = cls(model, config, tokenizer, generation_config, param.dtype, param.device, engine_config, directory)
+        llm.system_prompt, llm.default_parameters = resolved.system, dict(resolved.parameters)
+        return llm
 
     # -- generation --------------------------------------------------------------------------------------------
     def default_sampling(self, **overrides) -> SamplingParams:
@@ -82,6 +99,7 @@ class LLM:
             values["temperature"] = 0.0
         if values.get("top_k") == 0:
             values["top_k"] = -1
+        values.update(self.default_parameters)
         values.update(overrides)
         return SamplingParams(**values)
 
@@ -114,6 +132,10 @@ class LLM:
         """Generate the assistant's reply to one conversation (a list of messages) or to each of several."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        if self.system_prompt:
+            from llmasos.library import with_system_prompt
+
+            conversations = [with_system_prompt(messages, self.system_prompt) for messages in conversations]
         prompts = [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                       **template_kwargs) for messages in conversations]
         return self.generate(prompts, sampling)
@@ -131,9 +153,9 @@ class LLM:
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"token ids must be in 0..{vocab - 1}")
-        from llmasos.models.attention import AttentionMetadata
+        from llmasos.models.attention import AttentionMetadata, sdpa_backends
 
-        with self.engine.lock:
+        with self.engine.lock, sdpa_backends(self.device):
             ids = torch.tensor(token_ids, device=self.device)
             hidden = self.model(ids, torch.arange(len(token_ids), device=self.device),
                                 AttentionMetadata.for_prompts([len(token_ids)]))

@@ -18,6 +18,14 @@ from llmasos.outputs import CompletionOutput, RequestOutput
 from llmasos.sampling_params import SamplingParams
 
 
+class StepError(RuntimeError):
+    """One engine step failed; `request_ids` are the requests it aborted. The engine itself stays usable."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 @dataclass
 class EngineConfig:
     block_size: int = 16
@@ -27,12 +35,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
             raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):  # checked here: the cache is sized from them
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
 
@@ -76,6 +89,11 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         self.config = config = config or EngineConfig()
         model_config = model.config
+        if config.max_model_len is not None and not (
+                isinstance(config.max_model_len, int) and 0 < config.max_model_len <= model_config.max_context_length):
+            # Longer would run past the model's positions (GPT-2's learned table fails mid-generation).
+            raise ValueError(f"max_model_len must be an integer from 1 to this model's context length "
+                             f"({model_config.max_context_length}), got {config.max_model_len!r}")
         self.max_model_len = config.max_model_len or model_config.max_context_length
         per_block = bytes_per_block(model_config, config.block_size, dtype)
         if config.num_kv_blocks is not None:
@@ -88,7 +106,7 @@ class LLMEngine:
                 raise ValueError(f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes)")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv, dtype, device)
+        self.runner = ModelRunner(model, self.kv, dtype, device, config.enforce_eager, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -169,7 +187,10 @@ class LLMEngine:
             touched: dict[str, RequestGroup] = {}
             out = self.scheduler.schedule()
             if out.scheduled:
-                results = self.runner.execute(out.scheduled)
+                try:
+                    results = self.runner.execute(out.scheduled)
+                except Exception as exc:
+                    raise self._fail_step(out, exc) from exc
                 self.scheduler.update(out)
                 for request, token_id, logprobs in results:
                     request.append_token(token_id, logprobs)
@@ -187,13 +208,34 @@ class LLMEngine:
                         self._requests.pop(child.request_id, None)
             return list(touched.values())
 
+    def _fail_step(self, out, exc: Exception) -> StepError:
+        """A forward that raised (out of memory, say) leaves its requests half computed and may have registered
+        prefix blocks whose contents were never written: end those requests, forget the prefix cache, keep going."""
+        self.kv.pool.reset_prefix_cache()
+        parents = []
+        for request, _ in out.scheduled:
+            group = self.groups.get(request.parent_id)
+            if group is not None and request.parent_id not in parents:
+                parents.append(request.parent_id)
+        for parent in parents:
+            self.abort(parent)
+        return StepError(f"a model step failed and its {len(parents)} request(s) were aborted: {exc}", parents)
+
     def run_to_completion(self, request_ids: list[str]) -> dict[str, RequestOutput]:
+        """Step until every listed request finishes; a request aborted meanwhile is left out of the result."""
         wanted = set(request_ids)
+        with self.lock:
+            unknown = sorted(wanted - self.groups.keys())
+        if unknown:
+            raise ValueError(f"unknown request id {unknown[0]!r}: it has finished already or was never added")
         done: dict[str, RequestOutput] = {}
         while len(done) < len(wanted):
             for group in self.step():
                 if group.finished and group.request_id in wanted:
                     done[group.request_id] = group.output()
+            with self.lock:
+                if not (wanted - done.keys()) & self.groups.keys():
+                    break  # the rest were aborted: waiting for them would never end
         return done
 
     def metrics(self) -> dict[str, float | int]:

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import torch
 
+from llmasos.engine.cuda_graphs import DecodeGraphs
 from llmasos.engine.kv_cache import KVCacheManager, allocate_kv_tensors
 from llmasos.engine.request import Request
 from llmasos.engine.sampler import sample
 from llmasos.models import CausalLM
-from llmasos.models.attention import AttentionMetadata
+from llmasos.models.attention import AttentionMetadata, sdpa_backends
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device,
+                 enforce_eager: bool = False, max_model_len: int | None = None) -> None:
         self.model = model
         self.kv = kv
         self.device = device
-        self.kv_tensors = allocate_kv_tensors(model.config, kv.num_blocks, kv.block_size, dtype, device)
+        use_graphs = device.type == "cuda" and not enforce_eager and DecodeGraphs.supported(model)
+        # With CUDA graphs, one extra block takes the writes of a bucket's padding rows.
+        num_blocks = kv.num_blocks + (1 if use_graphs else 0)
+        self.kv_tensors = allocate_kv_tensors(model.config, num_blocks, kv.block_size, dtype, device)
+        self.graphs = None
+        if use_graphs:
+            max_context = min(max_model_len or 2048, 4096)
+            self.graphs = DecodeGraphs(model, self.kv_tensors, kv.block_size, kv.num_blocks, device,
+                                       max_context=max_context)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> list[tuple[Request, int, dict | None]]:
@@ -43,10 +53,16 @@ class ModelRunner:
                 sampling_rows.append(len(input_ids) - 1)
                 sampling_requests.append(request)
         device = self.device
-        attn = AttentionMetadata(
-            query_lens=query_lens, context_lens=context_lens, kv_cache=self.kv_tensors,
-            slot_mapping=torch.tensor(slots, device=device), block_tables=block_tables, block_size=size)
-        hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), attn)
+        num_seqs = len(query_lens)
+        if self.graphs is not None and len(input_ids) == num_seqs and self.graphs.fits(num_seqs, max(context_lens)):
+            hidden = self.graphs.run(input_ids, positions, slots, block_tables, context_lens)
+        else:
+            attn = AttentionMetadata(
+                query_lens=query_lens, context_lens=context_lens, kv_cache=self.kv_tensors,
+                slot_mapping=torch.tensor(slots, device=device), block_tables=block_tables, block_size=size)
+            with sdpa_backends(device):
+                hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device),
+                                    attn)
         if not sampling_requests:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sampling_rows, device=device)])

@@ -5,10 +5,22 @@ new keys and values in their slots and attends over each sequence's whole contex
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+def sdpa_backends(device: torch.device):
+    """On CUDA, keep SDPA off cuDNN: cuDNN builds a new execution plan for every new sequence length, which costs
+    far more host time than the attention itself in a continuous batch of variable-length prompts."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
 
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa arrived in 2.5
 
@@ -27,6 +39,7 @@ class AttentionMetadata:
     block_size: int = 16
     _masks: dict = field(default_factory=dict, repr=False)
     _decode: dict = field(default_factory=dict, repr=False)
+    _gather_index: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         assert len(self.query_lens) == len(self.context_lens)
@@ -66,7 +79,7 @@ class AttentionMetadata:
             if query_len == context_len:
                 keys, values = k[start:end], v[start:end]
             else:
-                keys, values = self._gather(layer_idx, self.block_tables[i], context_len)
+                keys, values = self._gather(layer_idx, i, context_len)
             mask = self._mask(query_len, context_len, sliding_window, q.device)
             seq_out = _attention(q[start:end].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
                                  values.transpose(0, 1).unsqueeze(0), mask, scale, softcap)
@@ -75,10 +88,12 @@ class AttentionMetadata:
             self._attend_decodes(layer_idx, q, out, scale, sliding_window, softcap)
         return out
 
-    def _gather(self, layer_idx: int, block_ids: list[int], context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, layer_idx: int, seq: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self.kv_cache[layer_idx]
-        num_blocks = -(-context_len // self.block_size)
-        index = torch.tensor(block_ids[:num_blocks], device=k_cache.device)
+        index = self._gather_index.get(seq)
+        if index is None:  # built once per step, shared by every layer
+            num_blocks = -(-context_len // self.block_size)
+            index = self._gather_index[seq] = torch.tensor(self.block_tables[seq][:num_blocks], device=k_cache.device)
         keys = k_cache[index].flatten(0, 1)[:context_len]  # (context_len, kv_heads, dim)
         values = v_cache[index].flatten(0, 1)[:context_len]
         return keys, values
@@ -143,13 +158,23 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     """q (batch, heads, q_len, dim), k/v (batch, kv_heads, k_len, dim); mask None means causal."""
     if softcap is not None:
         return _softcapped_attention(q, k, v, mask, scale, softcap)
-    causal = mask is None and q.shape[2] > 1
-    if _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if mask is None:
+        if groups > 1 and not _SDPA_HAS_GQA:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                              **({"enable_gqa": groups > 1} if _SDPA_HAS_GQA else {}))
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # Grouped queries with a mask: fold each kv head's query heads into the query length, so every attention
+    # backend (masks and all) applies and no key/value is copied per query head.
+    batch, heads, q_len, dim = q.shape
+    kv_heads = k.shape[1]
+    folded = q.reshape(batch, kv_heads, groups * q_len, dim)
+    if q_len > 1:  # rows are ordered (group, position): tile the (q_len, k_len) mask once per group
+        mask = mask.repeat(*([1] * (mask.dim() - 2)), groups, 1)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, q_len, dim)
 
 
 def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llmasos.errors import ModelLoadError
 from llmasos.models import CausalLM, ModelConfig, load_config, model_class
@@ -108,6 +108,11 @@ def check_safetensors(file: Path) -> dict[str, dict]:
         end = max(end, stop)
     if end > data_size:
         raise ModelLoadError(f"{file} is truncated: its header needs {end} data bytes but the file holds {data_size}")
+    try:  # safetensors' own header checks too (dtype names, overlapping offsets, bytes no tensor covers)
+        with safe_open(file, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{file} is corrupt: {exc}") from None
     return header
 
 

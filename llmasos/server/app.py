@@ -1,5 +1,5 @@
-"""create_app: the FastAPI application — body limits, OpenAI-shaped errors, authentication on every routed path
-except /health, and the model, usage, health and metrics routes (generation routes live in openai_routes.py)."""
+"""create_app: the FastAPI application — body limits, OpenAI-shaped errors, authentication of every request except
+GET /health, and the model, usage, health and metrics routes (generation routes live in openai_routes.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmasos.engine.async_llm import EngineDeadError
 from llmasos.server.auth import KeyInfo, lookup_key, usage_summary
 from llmasos.server.protocol import APIError
 from llmasos.server.state import ServedModel, ServerSettings, ServerState
@@ -70,26 +73,43 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
         raise APIError(400, f"invalid value for {param}: {message}" if param else message, param=param) from None
 
 
-def authenticate(request: Request) -> KeyInfo | None:
-    """The key of this request (None when the server runs without keys). Runs as a dependency of the matched
-    route, so the decision always concerns the path that is actually served."""
-    state: ServerState = request.app.state.llmasos
+def authenticate(state: ServerState, authorization: str) -> KeyInfo | None:
+    """The key of a request (None when the server runs without keys), or a 401 APIError. Blocking (database)."""
     if not state.auth_required():
-        request.state.key = None
         return None
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
+    scheme, _, secret = authorization.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", type="invalid_request_error",
-                       code="invalid_api_key")
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (`llmasos keys create --name NAME` "
+                       "makes one)", code="invalid_api_key")
     key = lookup_key(secret.strip())
     if key is None:
-        raise APIError(401, "incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
-    request.state.key = key
+        raise APIError(401, "incorrect, revoked or expired API key provided", code="invalid_api_key")
     return key
 
 
-def served_model(state: ServerState, model_id: str, key: KeyInfo | None) -> ServedModel:
+class AuthMiddleware:
+    """Default deny: once a key exists, every request but GET /health needs a valid key, decided before routing, so
+    that no spelling of a path ('//v1/models', '/V1/MODELS', '%2f', '..') and no route added later answers without
+    one. The key is left in the request's state for the routes."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        key = None
+        if scope["path"] != "/health":
+            headers = Headers(scope=scope)
+            try:
+                key = await run_in_threadpool(authenticate, self.state, headers.get("authorization", ""))
+            except APIError as error:
+                return await error_response(error)(scope, receive, send)
+        scope.setdefault("state", {})["key"] = key
+        return await self.app(scope, receive, send)
+
+
+def served_model(state: ServerState, model_id: str, key: KeyInfo | None, task: str | None = None) -> ServedModel:
     served = state.models.get(model_id)
     if served is None:
         raise APIError(404, f"the model {model_id!r} does not exist; GET /v1/models lists the served models",
@@ -97,6 +117,12 @@ def served_model(state: ServerState, model_id: str, key: KeyInfo | None) -> Serv
     if key is not None and not key.allows(model_id):
         raise APIError(403, f"key {key.name!r} is not allowed to use model {model_id!r}", type="permission_error",
                        param="model", code="model_not_allowed")
+    if task is not None and served.task != task:  # e.g. a completion asked of an embedding model
+        message = (f"model {model_id!r} is an embedding model: it serves POST /v1/embeddings, not completions or chat"
+                   if served.task == "embed" else
+                   f"model {model_id!r} generates text and has no embeddings; serve an encoder (a BERT-family "
+                   "sentence-transformers model) for POST /v1/embeddings")
+        raise APIError(400, message, param="model", code="model_not_supported")
     return served
 
 
@@ -121,6 +147,12 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_request: Request, exc: EngineDeadError):
+        log.error("generation failed: %s", exc)
+        return error_response(APIError(503, "the model's engine has stopped; the server needs a restart",
+                                       type="server_error", code="engine_unavailable"))
+
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, exc: Exception):
         log.exception("internal error")  # details go to the log, never to the client
@@ -131,7 +163,7 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
         alive = all(m.async_llm.is_alive for m in state.models.values())
         return JSONResponse({"status": "ok" if alive else "unavailable"}, status_code=200 if alive else 503)
 
-    protected = APIRouter(dependencies=[Depends(authenticate)])
+    protected = APIRouter()  # AuthMiddleware guards every route but /health
 
     @protected.get("/metrics")
     async def metrics():
@@ -162,8 +194,15 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
     from llmasos.server.openai_routes import add_generation_routes
 
     add_generation_routes(protected, state)
+    from llmasos.server.embeddings_routes import add_embedding_routes
+
+    add_embedding_routes(protected, state)
+    from llmasos.server.tokenize_routes import add_tokenize_routes
+
+    add_tokenize_routes(protected, state)
     app.include_router(protected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, state=state)  # outside the body limit: strangers get 401, not 413
     app.add_middleware(RequestCounterMiddleware, metrics=state.metrics)
     return app
 

@@ -110,6 +110,12 @@ def list_keys() -> list[dict]:
                 for k in rows]
 
 
+def key_count() -> int:
+    """Keys ever created, revoked and expired ones included."""
+    with session() as db:
+        return db.scalar(select(func.count(ApiKey.id))) or 0
+
+
 def active_key_count() -> int:
     now = utcnow()
     with session() as db:
@@ -156,5 +162,5 @@ def usage_summary(key_name: str | None = None, since: dt.datetime | None = None)
     with session() as db:
         rows = db.execute(query.order_by(UsageRecord.key_name, UsageRecord.model)).all()
     return [{"key": key, "model": model, "requests": int(n), "prompt_tokens": int(p or 0),
-             "completion_tokens": int(c or 0), "cost": round(float(cost or 0.0), 10)}
+             "completion_tokens": int(c or 0), "cost": float(f"{float(cost or 0.0):.12g}")}
             for key, model, n, p, c, cost in rows]

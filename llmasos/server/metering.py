@@ -101,11 +101,14 @@ class Limiter:
             out["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - used))
             reset = state.tokens[0][0] + WINDOW_SECONDS - now if state.tokens else 0.0
             out["x-ratelimit-reset-tokens"] = f"{max(0.0, reset):.3f}s"
+        if key.max_concurrency:
+            out["x-ratelimit-limit-concurrent-requests"] = str(key.max_concurrency)
+            out["x-ratelimit-remaining-concurrent-requests"] = str(max(0, key.max_concurrency - state.in_flight))
         return out
 
     def _reject(self, key: KeyInfo, message: str, retry_after: float, code: str = "rate_limit_exceeded",
-                type: str = "rate_limit_error") -> APIError:
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **self.headers(key)}
+                type: str = "rate_limit_error", extra: dict[str, str] | None = None) -> APIError:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **self.headers(key), **(extra or {})}
         return APIError(429, message, type=type, code=code, headers=headers)
 
     def admit(self, key: KeyInfo | None, prompt_tokens: int, max_tokens: int) -> Admission:
@@ -131,7 +134,9 @@ class Limiter:
             if remaining - prompt_tokens <= 0:
                 raise self._reject(key, f"key {key.name!r} has used its token quota of {key.token_quota}; ask for a "
                                    "larger quota or a new key", 3600, code="insufficient_quota",
-                                   type="insufficient_quota")
+                                   type="insufficient_quota",
+                                   extra={"x-ratelimit-limit-quota-tokens": str(key.token_quota),
+                                          "x-ratelimit-remaining-quota-tokens": str(max(0, remaining))})
             allowed = remaining - prompt_tokens
             reserve = prompt_tokens + min(max_tokens, allowed)
         state.requests.append(now)

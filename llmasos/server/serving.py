@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import threading
 import time
@@ -34,8 +35,14 @@ def load_served_model(name_or_path: str | Path, served_name: str | None = None, 
     from llmasos.llm import LLM
 
     resolved = _resolve(name_or_path)
-    llm = LLM.load(resolved["path"], **llm_options)
     model_id = served_name or resolved["name"]
+    from llmasos.embeddings import is_embedding_model
+
+    if is_embedding_model(resolved["path"]):  # an encoder: served on /v1/embeddings, without an engine
+        from llmasos.server.embeddings_routes import load_embedding_model
+
+        return load_embedding_model(model_id, resolved["path"], **llm_options)
+    llm = LLM.load(resolved["path"], **llm_options)
     return ServedModel(id=model_id, llm=llm, async_llm=AsyncLLM(llm), path=Path(resolved["path"]),
                        system_prompt=resolved.get("system"), default_params=resolved.get("parameters") or {},
                        chat_template=resolved.get("template"))
@@ -77,11 +84,23 @@ def run_server(models: dict[str, ServedModel], settings: ServerSettings, log_lev
     then the engines stop."""
     check_bind(settings.host, settings.allow_unauthenticated)
     server = build_server(models, settings, log_level)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises SIGTERM once it has drained, to the handler that was there before it: make that a clean
+        # exit (status 0, engines stopped below) rather than death by signal. It also covers a SIGTERM that arrives
+        # before uvicorn listens.
+        previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         server.run()
     finally:
         for served in models.values():
             served.async_llm.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(_signum, _frame) -> None:
+    raise SystemExit(0)
 
 
 def free_port() -> int:

@@ -35,10 +35,11 @@ class ServedModel:
     default_params: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    task: str = "generate"  # "embed": an encoder on /v1/embeddings; llm and async_llm are then an EmbeddingService
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len
+        return self.llm.max_model_len if self.task == "embed" else self.llm.engine.max_model_len
 
     @property
     def num_parameters(self) -> int:
@@ -86,12 +87,14 @@ class ServerState:
     _auth_cache: tuple[float, bool] = (0.0, False)
 
     def auth_required(self) -> bool:
-        """True once any active key exists (re-checked at most once a second)."""
-        from llmasos.server.auth import active_key_count
+        """True once any key has been created. Revoked and expired keys count too: revoking the last key must lock
+        the server, not open it. Keys are never deleted, so True is final; False is re-checked at most once a
+        second (a key created while the server runs takes effect within a second)."""
+        from llmasos.server.auth import key_count
 
         checked_at, required = self._auth_cache
         now = time.monotonic()
-        if now - checked_at > 1.0:
-            required = active_key_count() > 0
+        if not required and now - checked_at > 1.0:
+            required = key_count() > 0
             self._auth_cache = (now, required)
         return required

@@ -50,3 +50,19 @@ def test_bfloat16_sampling_on_cuda(tmp_path):
     llm = LLM.load(tmp_path, dtype="bfloat16", device="cuda")
     outputs = llm.generate(["hello"] * 4, SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=5))
     assert len({tuple(o.token_ids) for o in outputs}) == 1  # same seed, same output
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_cuda_graph_decode_equals_eager(tmp_path, family):
+    make_checkpoint(tmp_path, family_config(family))
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 384, (int(n),), generator=generator).tolist() for n in torch.randint(4, 60, (13,))]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+    eager = LLM.load(tmp_path, dtype="float32", device="cuda", enforce_eager=True).generate(prompts, params)
+    graphed_llm = LLM.load(tmp_path, dtype="float32", device="cuda")
+    assert graphed_llm.engine.runner.graphs is not None
+    graphed = graphed_llm.generate(prompts, params)
+    for a, b in zip(eager, graphed, strict=True):
+        assert a.token_ids == b.token_ids
+        for token, x, y in zip(a.token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert abs(x[token] - y[token]) < 1e-3

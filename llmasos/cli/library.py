@@ -1,0 +1,191 @@
+"""`llmasos pull / import / list / show / rm / cp / create`: the model library commands (Ollama's verbs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def _console():
+    from rich.console import Console
+
+    # Not a terminal (a pipe, a log): wide enough that rows never wrap.
+    return Console(width=None if sys.stdout.isatty() else 240, highlight=False)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--name", default=None, help="Library name to store it under (default: the catalog name or repo name).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def pull(model: str, name: str | None, quiet: bool) -> None:
+    """Download MODEL (a catalog name like qwen2.5:0.5b-instruct, or a Hub repo id owner/name[:revision])."""
+    from llmasos.library.manage import human_count, human_size
+    from llmasos.library.pull import pull as pull_model
+
+    row, status = pull_model(model, name, show_progress=not quiet)
+    if status == "up to date":
+        click.echo(f"{row.name} is up to date ({row.source_text()})")
+        return
+    click.echo(f"{status} {row.name}: {row.family}, {human_count(row.num_parameters)} parameters, "
+               f"{human_size(row.size_bytes)} ({row.source_text()})")
+
+
+@click.command("import")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Library name, e.g. mymodel:v1 (lowercase letters, digits, . _ : -).")
+@click.option("--link", is_flag=True, help="Hard-link the files instead of copying them (same filesystem only).")
+def import_command(directory: Path, name: str, link: bool) -> None:
+    """Validate the checkpoint in DIRECTORY and add it to the library as NAME."""
+    from llmasos.library.importer import import_directory
+    from llmasos.library.manage import human_count, human_size
+    from llmasos.library.names import check_name
+
+    check_name(name)
+    row, linked = import_directory(directory, name, link=link)
+    how = "hard-linked" if linked else "copied"
+    click.echo(f"imported {row.name}: {row.family}, {human_count(row.num_parameters)} parameters, "
+               f"{human_size(row.size_bytes)} ({len(row.files)} files {how})")
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--available", is_flag=True, help="List the catalog of models `llmasos pull` knows by name.")
+def list_command(as_json: bool, available: bool) -> None:
+    """List the models in the library."""
+    from rich.table import Table
+
+    if available:
+        from llmasos.library.catalog import CATALOG
+
+        entries = [{"name": e.alias, "repo": e.repo_id, "family": e.family, "parameters": e.parameters,
+                    "gated": e.gated} for e in CATALOG]
+        if as_json:
+            click.echo(json.dumps(entries, indent=2))
+            return
+        table = Table(box=None, header_style="bold")
+        for column in ("NAME", "REPO", "FAMILY", "PARAMETERS", "GATED"):
+            table.add_column(column, no_wrap=True)
+        for e in entries:
+            table.add_row(e["name"], e["repo"], e["family"], e["parameters"], "yes" if e["gated"] else "")
+        _console().print(table)
+        return
+
+    from llmasos.library.manage import human_count, human_size, summary
+    from llmasos.library.registry import list_models
+    from llmasos.library.resolve import ensure_default_model
+
+    ensure_default_model()
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps([summary(row) for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no models yet: `llmasos pull qwen2.5:0.5b-instruct` fetches one, `llmasos import DIR --name NAME` "
+                   "adds a local checkpoint, `llmasos list --available` shows the catalog")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "FAMILY", "PARAMETERS", "SIZE", "CONTEXT", "SOURCE"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(row.name, row.family, human_count(row.num_parameters), human_size(row.size_bytes),
+                      str(row.context_length or "-"), row.source_text())
+    _console().print(table)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--modelfile", is_flag=True, help="Print a Modelfile that recreates the model.")
+def show(name: str, as_json: bool, modelfile: bool) -> None:
+    """Show everything the library knows about NAME."""
+    from llmasos.library.manage import details, human_count, human_size
+    from llmasos.library.modelfile import render_modelfile
+    from llmasos.library.names import check_name
+    from llmasos.library.registry import require_model
+    from llmasos.library.resolve import DEFAULT_MODEL_NAME, ensure_default_model
+
+    check_name(name)
+    if name == DEFAULT_MODEL_NAME:
+        ensure_default_model()
+    row = require_model(name)
+    if modelfile:
+        click.echo(render_modelfile(row), nl=False)
+        return
+    data = details(row)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    lines = [
+        ("name", row.name), ("family", row.family), ("parameters", f"{human_count(row.num_parameters)} "
+                                                                  f"({row.num_parameters:,})"),
+        ("dtype", row.dtype or "-"), ("context", str(row.context_length or "-")),
+        ("size", human_size(row.size_bytes)), ("source", row.source_text()), ("license", row.license or "-"),
+        ("path", data["path"]),
+    ]
+    if row.adapter:
+        lines.append(("adapter", row.adapter))
+    for key, value in lines:
+        click.echo(f"{key:<12}{value}")
+    if row.system:
+        click.echo(f"{'system':<12}{row.system}")
+    if row.parameters:
+        click.echo(f"{'defaults':<12}{json.dumps(row.parameters)}")
+    template = "overridden (see --json)" if row.chat_template else ("from the checkpoint" if
+                                                                    data["effective_chat_template"] else "none")
+    click.echo(f"{'template':<12}{template}")
+    click.echo("files")
+    for entry in row.files:
+        click.echo(f"  {entry['path']:<40} {human_size(entry['size']):>10}  sha256:{entry['sha256'][:16]}")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+def rm(names: tuple[str, ...]) -> None:
+    """Remove models from the library (files shared with other models stay)."""
+    from llmasos.library.manage import human_size, remove_model
+    from llmasos.library.names import check_name
+
+    for name in names:
+        check_name(name)
+    for name in names:
+        freed = remove_model(name)
+        click.echo(f"removed {name}" + (f" (freed {human_size(freed)})" if freed else ""))
+
+
+@click.command()
+@click.argument("source")
+@click.argument("target")
+def cp(source: str, target: str) -> None:
+    """Copy SOURCE to a new name TARGET (the files are shared, not duplicated)."""
+    from llmasos.library.manage import copy_model
+
+    copy_model(source, target)
+    click.echo(f"copied {source} to {target}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--file", "-f", "modelfile", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The Modelfile (FROM, SYSTEM, PARAMETER, TEMPLATE, ADAPTER, LICENSE).")
+def create(name: str, modelfile: Path) -> None:
+    """Create NAME from a Modelfile: a base model plus a system prompt, default parameters, template or adapter."""
+    from llmasos.library.modelfile import MAX_MODELFILE_BYTES, create_model
+    from llmasos.library.names import check_name
+
+    check_name(name)
+    if modelfile.stat().st_size > MAX_MODELFILE_BYTES:
+        raise ValueError(f"{modelfile} is larger than 1 MiB; a Modelfile is a short text file")
+    try:
+        text = modelfile.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{modelfile} is not UTF-8 text") from None
+    row = create_model(name, text, relative_to=modelfile.resolve().parent)
+    click.echo(f"created {row.name} from {row.base_name}")
+
+
+def register(cli: click.Group) -> None:
+    for command in (pull, import_command, list_command, show, rm, cp, create):
+        cli.add_command(command)

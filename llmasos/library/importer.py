@@ -1,0 +1,89 @@
+"""`llmasos import`: validate a local checkpoint directory, then copy or hard-link its runtime files into the store.
+
+Also the last step every way into the library shares (import, pull, the bundled default model): validate the staged
+files, rename them into the store, then write the registry row; if any step fails, the store is left as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmasos.errors import LibraryError
+from llmasos.library import store
+from llmasos.library.names import check_name
+from llmasos.library.registry import LibraryModel, add_model, directory_users, get_model, replace_model, utcnow
+from llmasos.library.validate import CheckpointInfo, inspect_checkpoint
+
+
+def build_row(name: str, directory: str, info: CheckpointInfo, files: list[dict[str, Any]], *, source_type: str,
+              **fields: Any) -> LibraryModel:
+    values: dict[str, Any] = dict(
+        name=name, source_type=source_type, source_repo=None, source_revision=None, source_commit=None,
+        source_path=None, base_name=None, directory=directory, files=files, format="safetensors",
+        family=info.family, num_parameters=info.num_parameters, dtype=info.dtype,
+        context_length=info.context_length, size_bytes=sum(int(entry["size"]) for entry in files),
+        chat_template=None, parameters={}, system=None, license=info.license, adapter=None, created_at=utcnow())
+    values.update(fields)
+    return LibraryModel(**values)
+
+
+def register_staged(staged: Path, name: str, hashes: dict[str, str], *, source_type: str, replace: bool = False,
+                    **fields: Any) -> LibraryModel:
+    """Validate a complete staging directory, move it into the store and register it under `name`.
+
+    `hashes` maps each relative path to the sha256 the caller computed while writing it. With `replace`, an existing
+    model of that name is updated in place (its old files are removed once no model uses them)."""
+    info = inspect_checkpoint(staged)
+    missing = sorted(set(info.files) - set(hashes))
+    if missing:
+        raise LibraryError(f"internal: no checksum recorded for {', '.join(missing)}")
+    files = [store.file_entry(staged, relative, hashes[relative]) for relative in info.files]
+    if fields.get("license") is None:
+        fields.pop("license", None)
+    directory = store.place(staged, name)
+    row = build_row(name, directory, info, files, source_type=source_type, **fields)
+    with store.lock(store.REGISTRY_LOCK):
+        try:
+            old_directory = replace_model(row) if replace else add_model(row)
+        except BaseException:
+            store.remove_directory(directory)
+            raise
+        if old_directory and old_directory != directory:
+            collect_garbage(old_directory)
+    return row
+
+
+def collect_garbage(directory: str) -> bool:
+    """Remove a checkpoint directory that no model uses any more; return whether it was removed."""
+    if directory_users(directory):
+        return False
+    store.remove_directory(directory)
+    return True
+
+
+def import_directory(source: str | Path, name: str, *, link: bool = False, source_type: str = "local",
+                     license: str | None = None) -> tuple[LibraryModel, bool]:
+    """Import the checkpoint at `source` as `name`. Returns the new row and whether files were hard-linked.
+
+    Everything is checked before anything is written: the name, then the checkpoint (config, every safetensors header
+    against its file size, the tokenizer), then that the name is free."""
+    check_name(name)
+    source_dir = Path(source).expanduser()
+    info = inspect_checkpoint(source_dir)
+    if get_model(name) is not None:
+        raise LibraryError(f"a model named {name!r} already exists: remove it first (`llmasos rm {name}`) or choose "
+                           "another name with --name")
+    linked_any = False
+    with store.staging(name) as staged:
+        hashes: dict[str, str] = {}
+        for relative in info.files:
+            if link:
+                hashes[relative], linked = store.link_or_copy(source_dir / relative, staged / relative)
+                linked_any = linked_any or linked
+            else:
+                hashes[relative] = store.copy_with_hash(source_dir / relative, staged / relative)
+        fields: dict[str, Any] = {"source_path": str(source_dir.resolve())}
+        if license is not None:
+            fields["license"] = license
+        row = register_staged(staged, name, hashes, source_type=source_type, **fields)
+    return row, linked_any

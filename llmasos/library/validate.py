@@ -1,0 +1,121 @@
+"""Check a checkpoint before it enters the store: config, safetensors headers against file sizes, tokenizer, template.
+
+Uses the runtime's own loader checks, so whatever the store accepts, `LLM.load` can read. Nothing here writes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmasos.errors import LibraryError, LLMasOSError
+from llmasos.library.store import ADAPTER_FILES, RUNTIME_FILES
+
+_HF_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8", "U8": "uint8"}
+
+
+@dataclass
+class CheckpointInfo:
+    """What validation learned about a checkpoint directory."""
+
+    family: str
+    num_parameters: int
+    dtype: str | None
+    context_length: int
+    files: list[str] = field(default_factory=list)  # relative paths the runtime needs, weights included
+    has_chat_template: bool = False
+    license: str | None = None
+
+
+def runtime_files_in(directory: Path, weights: list[Path]) -> list[str]:
+    """The relative paths to bring into the store: known runtime files present, the weights, extra templates."""
+    names = [name for name in RUNTIME_FILES if (directory / name).is_file()]
+    names += [weight.name for weight in weights]
+    extra = directory / "additional_chat_templates"
+    if extra.is_dir():
+        names += [f"additional_chat_templates/{path.name}" for path in sorted(extra.glob("*.jinja"))
+                  if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.jinja", path.name)]
+    return sorted(set(names))
+
+
+def inspect_checkpoint(directory: Path) -> CheckpointInfo:
+    """Validate `directory` as a runtime checkpoint; raise LibraryError naming the first problem."""
+    from llmasos.models.loader import check_safetensors, read_config, resolve_directory, weight_files
+    from llmasos.tokenizer import Tokenizer
+
+    try:
+        directory = resolve_directory(directory)
+        config = read_config(directory)
+        weights = weight_files(directory)
+        headers = {weight: check_safetensors(weight) for weight in weights}
+        tokenizer = Tokenizer.from_dir(directory)
+    except LLMasOSError as exc:
+        raise LibraryError(f"refused {directory}: {exc}") from None
+    counts: Counter[str] = Counter()
+    num_parameters = 0
+    for header in headers.values():
+        for info in header.values():
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            num_parameters += count
+            counts[info["dtype"]] += count
+    if num_parameters == 0:
+        raise LibraryError(f"refused {directory}: the safetensors files hold no tensors")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise LibraryError(f"refused {directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
+                           f"vocab_size is {config.vocab_size}; the tokenizer does not belong to these weights")
+    dtype = config.torch_dtype or (_HF_DTYPES.get(counts.most_common(1)[0][0]) if counts else None)
+    return CheckpointInfo(
+        family=config.model_type, num_parameters=num_parameters, dtype=dtype,
+        context_length=config.max_context_length, files=runtime_files_in(directory, weights),
+        has_chat_template=tokenizer.chat_template is not None, license=read_license(directory))
+
+
+def read_license(directory: Path) -> str | None:
+    """The `license:` of a model card's YAML front matter (README.md), if any."""
+    readme = directory / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        text = readme.read_text(encoding="utf-8", errors="replace")[:20000]
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    if end < 0:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return None
+    value = data.get("license") if isinstance(data, dict) else None
+    return str(value) if isinstance(value, (str, int, float)) else None
+
+
+def inspect_adapter(directory: Path) -> list[str]:
+    """Validate a LoRA adapter directory (adapter_config.json + adapter_model.safetensors); return its files."""
+    from llmasos.models.loader import check_safetensors
+
+    if not directory.is_dir():
+        raise LibraryError(f"adapter directory {str(directory)!r} does not exist")
+    for name in ADAPTER_FILES:
+        if not (directory / name).is_file():
+            raise LibraryError(f"{directory} is not a LoRA adapter: {name} is missing (save adapters with the trainer "
+                               "or PEFT's `save_pretrained`, safetensors format)")
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LibraryError(f"{directory / 'adapter_config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LibraryError(f"{directory / 'adapter_config.json'} must hold a JSON object")
+    try:
+        check_safetensors(directory / "adapter_model.safetensors")
+    except LLMasOSError as exc:
+        raise LibraryError(f"refused adapter: {exc}") from None
+    return list(ADAPTER_FILES)

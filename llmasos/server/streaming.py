@@ -1,0 +1,209 @@
+"""One generation job of the HTTP API and how it reaches the client: the engine streams behind a request, the
+server-sent-event response that meters tokens only once their chunk was handed to the connection, and the
+disconnect watch that aborts the engine's work for a client that went away (streamed or not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+from starlette.responses import StreamingResponse
+
+from llmasos.sampling_params import SamplingParams
+from llmasos.server.auth import record_usage
+from llmasos.server.metering import Admission
+from llmasos.server.state import ServedModel, ServerState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer could be sent."""
+
+
+@dataclass
+class Job:
+    """One HTTP generation request: what it asked for and how many completion tokens were sent for it."""
+
+    state: ServerState
+    served: ServedModel
+    route: str
+    request_id: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    admission: Admission
+    started: float = field(default_factory=time.monotonic)
+    completion_tokens: int = 0  # tokens sent to the client: the amount metered
+    accounted: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def account(self) -> None:
+        """Write usage for exactly the tokens sent, then release the key's limits. Runs once, on every exit."""
+        if self.accounted:
+            return
+        self.accounted = True
+        model_id, metrics = self.served.id, self.state.metrics
+        key = self.admission.key
+        cost = self.state.settings.price_table.cost(model_id, self.served.num_parameters, self.prompt_tokens,
+                                                    self.completion_tokens)
+        try:
+            record_usage(key.name if key else None, model_id, self.route, self.request_id, self.prompt_tokens,
+                         self.completion_tokens, cost)
+        finally:
+            self.state.limiter.release(self.admission, self.prompt_tokens + self.completion_tokens)
+            metrics.prompt_tokens.labels(model_id).inc(self.prompt_tokens)
+            metrics.generation_tokens.labels(model_id).inc(self.completion_tokens)
+
+    async def run(self) -> AsyncIterator[tuple[int, object]]:
+        """Deltas of every prompt's request, as (prompt index, RequestOutput), interleaved as they come. Closing
+        this iterator early aborts the engine requests still running."""
+        last = None
+        ttft, itl = self.state.metrics.ttft.labels(self.served.id), self.state.metrics.itl.labels(self.served.id)
+        async with aclosing(self._deltas()) as deltas:
+            async for index, item in deltas:
+                count = sum(len(o.token_ids) for o in item.outputs)
+                if count:
+                    now = time.monotonic()
+                    if last is None:
+                        ttft.observe(now - self.started)
+                    else:
+                        itl.observe((now - last) / count)
+                    last = now
+                yield index, item
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, object]]:
+        engine = self.served.async_llm
+        if len(self.prompts) == 1:  # the usual case: read the engine stream directly, no task or queue in between
+            async with aclosing(engine.generate(self.prompts[0], self.params, f"{self.request_id}-0")) as stream:
+                async for delta in stream:
+                    yield 0, delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt: list[int]) -> None:
+            try:
+                async with aclosing(engine.generate(prompt, self.params, f"{self.request_id}-{index}")) as stream:
+                    async for delta in stream:
+                        await queue.put((index, delta))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(self.prompts)]
+        open_streams = len(tasks)
+        try:
+            while open_streams:
+                index, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()  # each pump's engine stream then aborts its request
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class ChunkFormat:
+    """The events of one stream share everything but their choice: serialise that common part once."""
+
+    def __init__(self, base: dict) -> None:
+        self.head = "data: " + json.dumps({**base, "choices": []}, ensure_ascii=False)[:-2]  # ends with '['
+
+    def __call__(self, choice: dict) -> str:
+        return f"{self.head}{json.dumps(choice, ensure_ascii=False)}]}}\n\n"
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(work: Awaitable[T], receive) -> T:
+    """Await `work` (a non-streamed generation); if the client disconnects first, cancel it — which aborts its engine
+    requests — and raise ClientGone."""
+    gone = False
+    result: T | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            nonlocal gone
+            await _until_disconnect(receive)
+            gone = True
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        result = await work
+        group.cancel_scope.cancel()
+    if gone:
+        raise ClientGone
+    return result  # type: ignore[return-value]
+
+
+class MeteredStream(StreamingResponse):
+    """Server-sent events of one job. `events` yields (event text, completion tokens in it). A chunk's tokens count
+    once the chunk has been handed to the open connection — not when generated — so a client that disconnects pays
+    for exactly what was sent; the disconnect cancels the events, which aborts the engine requests; and the job is
+    accounted however the response ends (even if it never started)."""
+
+    def __init__(self, job: Job, events: AsyncIterator[tuple[str, int]], headers: dict[str, str]) -> None:
+        super().__init__(events, headers=headers, media_type="text/event-stream")
+        self.job, self.events = job, events
+        self.disconnected = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def watch() -> None:
+                    await _until_disconnect(receive)
+                    self.disconnected = True
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch)
+                await self._send_events(send)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()
+            self.job.account()
+
+    async def _send_events(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for text, num_tokens in self.events:
+                # One pass of the event loop first: a disconnect the server already saw cancels us here, unsent.
+                await anyio.lowlevel.checkpoint()
+                await send({"type": "http.response.body", "body": text.encode("utf-8"), "more_body": True})
+                if self.disconnected:  # the connection went away while the chunk waited to be written
+                    return
+                self.job.completion_tokens += num_tokens
+        except Exception:  # noqa: BLE001 - the status line is gone; report in the stream, details only in the log
+            log.exception("generation failed during a stream")
+            error = {"message": "internal server error: generation stopped", "type": "server_error", "param": None,
+                     "code": None}
+            await send({"type": "http.response.body", "body": sse({"error": error}).encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

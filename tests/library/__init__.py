@@ -1,0 +1,1 @@
+"""Tests of the model library (llmasos/library) and its CLI commands."""

@@ -1,0 +1,157 @@
+"""`llmasos import / list / show / rm / cp` through the real CLI in a temporary LLMASOS_HOME, and LLM.load by name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from safetensors import safe_open
+
+from library.conftest import copy_checkpoint, tree
+from llmasos import LLM, SamplingParams
+
+
+def _list(cli) -> list[dict]:
+    result = cli("list", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _reference_parameter_count(directory) -> int:
+    """Elements of every tensor in the checkpoint, read with the safetensors library."""
+    total = 0
+    with safe_open(directory / "model.safetensors", framework="pt") as handle:
+        for key in handle.keys():
+            count = 1
+            for dim in handle.get_slice(key).get_shape():
+                count *= dim
+            total += count
+    return total
+
+
+def test_import_list_show(cli, home, checkpoint):
+    result = cli("import", str(checkpoint), "--name", "tiny:v1")
+    assert result.exit_code == 0, result.output
+    assert "imported tiny:v1" in result.stdout
+
+    [entry] = _list(cli)
+    source_files = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                    "tokenizer.json", "tokenizer_config.json"]
+    assert entry["name"] == "tiny:v1"
+    assert entry["family"] == "qwen2"
+    assert entry["parameters"] == _reference_parameter_count(checkpoint)
+    assert entry["size_bytes"] == sum((checkpoint / name).stat().st_size for name in source_files)
+    assert entry["context_length"] == 512
+    assert entry["source"] == str(checkpoint.resolve())
+
+    table = cli("list")
+    assert table.exit_code == 0 and "tiny:v1" in table.stdout and "qwen2" in table.stdout
+
+    shown = cli("show", "tiny:v1", "--json")
+    assert shown.exit_code == 0
+    data = json.loads(shown.stdout)
+    assert sorted(f["path"] for f in data["files"]) == source_files
+    for file in data["files"]:
+        assert file["sha256"] == hashlib.sha256((checkpoint / file["path"]).read_bytes()).hexdigest()
+    stored = home / "models" / "checkpoints"
+    assert os.path.dirname(data["path"]) == str(stored)
+    assert data["effective_chat_template"] == (checkpoint / "chat_template.jinja").read_text()
+    assert data["dtype"] == "float32"
+    text = cli("show", "tiny:v1")
+    assert text.exit_code == 0 and "model.safetensors" in text.stdout and "qwen2" in text.stdout
+
+
+def test_library_name_loads_like_the_directory(cli, checkpoint):
+    assert cli("import", str(checkpoint), "--name", "tiny").exit_code == 0
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    by_name = LLM.load("tiny").generate("To be, or not", params)[0].token_ids
+    by_path = LLM.load(checkpoint).generate("To be, or not", params)[0].token_ids
+    assert by_name == by_path
+    generated = cli("generate", "--model", "tiny", "--max-tokens", "4", "To be")
+    assert generated.exit_code == 0, generated.output
+    assert generated.stdout.startswith("To be")
+
+
+def test_import_hard_link(cli, home, checkpoint, workdir):
+    source = copy_checkpoint(checkpoint, workdir / "src")
+    result = cli("import", str(source), "--name", "linked", "--link")
+    assert result.exit_code == 0 and "hard-linked" in result.stdout
+    path = json.loads(cli("show", "linked", "--json").stdout)["path"]
+    assert os.stat(f"{path}/model.safetensors").st_ino == (source / "model.safetensors").stat().st_ino
+
+
+def test_import_skips_non_runtime_files(cli, checkpoint, workdir):
+    source = copy_checkpoint(checkpoint, workdir / "src")
+    (source / "optimizer.pt").write_bytes(b"pickle-bytes")
+    (source / "notes.txt").write_text("hello")
+    assert cli("import", str(source), "--name", "clean").exit_code == 0
+    path = json.loads(cli("show", "clean", "--json").stdout)["path"]
+    assert not os.path.exists(f"{path}/optimizer.pt") and not os.path.exists(f"{path}/notes.txt")
+
+
+def test_duplicate_name_refused(cli, checkpoint):
+    assert cli("import", str(checkpoint), "--name", "tiny").exit_code == 0
+    again = cli("import", str(checkpoint), "--name", "tiny")
+    assert again.exit_code == 1
+    assert "already exists" in again.stderr and "llmasos rm tiny" in again.stderr
+    assert len(_list(cli)) == 1
+
+
+def test_cp_shares_files_and_rm_frees_them_last(cli, home, checkpoint):
+    assert cli("import", str(checkpoint), "--name", "tiny").exit_code == 0
+    copied = cli("cp", "tiny", "tiny:copy")
+    assert copied.exit_code == 0, copied.output
+    a, b = (json.loads(cli("show", n, "--json").stdout) for n in ("tiny", "tiny:copy"))
+    assert a["path"] == b["path"] and b["source"]["path"] == a["source"]["path"]
+    assert cli("cp", "tiny", "tiny:copy").exit_code == 1  # target taken
+    assert cli("cp", "nope", "other").exit_code == 1
+
+    removed = cli("rm", "tiny")
+    assert removed.exit_code == 0 and "freed" not in removed.stdout
+    assert os.path.isdir(a["path"])
+    assert LLM.load("tiny:copy").generate("a", SamplingParams(max_tokens=1))[0].token_ids
+    removed = cli("rm", "tiny:copy")
+    assert removed.exit_code == 0 and "freed" in removed.stdout
+    assert not os.path.exists(a["path"])
+    assert _list(cli) == []
+    assert tree(home / "models" / "checkpoints") == {}
+
+
+def test_rm_unknown_model(cli):
+    result = cli("rm", "ghost")
+    assert result.exit_code == 1 and "no model named 'ghost'" in result.stderr and "llmasos list" in result.stderr
+
+
+def test_load_unknown_name_says_how_to_get_one(home):
+    with pytest.raises(ValueError, match="llmasos pull"):
+        LLM.load("not-there:1b")
+    with pytest.raises(ValueError, match="llmasos pull Qwen/Nope"):
+        LLM.load("Qwen/Nope")
+
+
+def test_list_empty_home_says_how_to_get_models(cli):
+    result = cli("list")
+    assert result.exit_code == 0 and "llmasos pull" in result.stdout and "llmasos import" in result.stdout
+    assert _list(cli) == []
+
+
+def test_available_catalog(cli):
+    result = cli("list", "--available", "--json")
+    entries = {e["name"]: e for e in json.loads(result.stdout)}
+    assert entries["qwen2.5:0.5b-instruct"]["repo"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    families = {e["family"] for e in entries.values()}
+    assert {"qwen2", "qwen3", "llama", "gemma2", "phi3", "mistral", "gpt2"} <= families
+    assert any(name.startswith("smollm2") for name in entries) and any("tinyllama" in name for name in entries)
+    text = cli("list", "--available")
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in text.stdout
+
+
+def test_show_json_is_valid_for_every_field(cli, checkpoint):
+    assert cli("import", str(checkpoint), "--name", "tiny").exit_code == 0
+    data = json.loads(cli("show", "tiny", "--json").stdout)
+    for key in ("name", "family", "parameters", "dtype", "context_length", "size_bytes", "format", "source", "files",
+                "license", "system", "sampling_parameters", "chat_template"):
+        assert key in data
+    assert data["format"] == "safetensors" and data["source"]["type"] == "local"

@@ -1,0 +1,140 @@
+"""Server test fixtures: tiny random checkpoints, a temporary LLMASOS_HOME (and so a fresh SQLite database) per test
+module, and real servers on 127.0.0.1 — uvicorn in a background thread — driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support import family_config, make_checkpoint
+
+from llmasos.server.serving import Service, free_port, load_served_model
+from llmasos.server.state import ServerSettings
+
+MODEL = "tiny"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer random qwen2 with the test ChatML template and a 256-token context."""
+    directory = tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2"
+    make_checkpoint(directory, family_config("qwen2", num_hidden_layers=2, max_position_embeddings=256))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory) -> Path:
+    """A second, different model (llama family, other weights) for multi-model routing."""
+    directory = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
+    make_checkpoint(directory, family_config("llama", num_hidden_layers=2, max_position_embeddings=256), seed=7)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """An in-process LLM on the same checkpoint: the reference the server's answers must equal. It has an engine of
+    its own, because driving the served engine from the test thread would steal the server's outputs."""
+    from llmasos import LLM
+
+    return LLM.load(checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Iterator[Path]:
+    """LLMASOS_HOME for the whole module, since a module's server reads the database of the current home."""
+    path = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMASOS_HOME", str(path))
+        patch.delenv("LLMASOS_DATABASE_URL", raising=False)
+        yield path
+
+
+def start_service(models: dict[str, Path], **settings) -> Service:
+    """Load each checkpoint under its id and serve them all on a free loopback port (returns once healthy)."""
+    served = {name: load_served_model(path, name, dtype="float32") for name, path in models.items()}
+    service = Service(served, ServerSettings(host="127.0.0.1", port=free_port(), **settings))
+    return service.start()
+
+
+@pytest.fixture(scope="module")
+def server(home, checkpoint) -> Iterator[Service]:
+    service = start_service({MODEL: checkpoint})
+    yield service
+    service.stop()
+
+
+def openai_client(service: Service, api_key: str = "unused", **options):
+    """The official client, without retries (it would otherwise retry 429 and 503 answers on its own)."""
+    import openai
+
+    return openai.OpenAI(base_url=service.base_url + "/v1", api_key=api_key, max_retries=0, **options)
+
+
+def async_openai_client(service: Service, api_key: str = "unused", **options):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=service.base_url + "/v1", api_key=api_key, max_retries=0, **options)
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `llmasos` command in a subprocess, against the current LLMASOS_HOME."""
+    result = subprocess.run([sys.executable, "-m", "llmasos", *args], capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT, env=dict(os.environ))
+    if check and result.returncode != 0:
+        raise AssertionError(f"llmasos {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def create_key(name: str, *options: str) -> str:
+    """A key made by `llmasos keys create --json`, which prints {"name", "key"}."""
+    printed = json.loads(cli("keys", "create", "--name", name, "--json", *options).stdout)
+    assert set(printed) == {"name", "key"} and printed["name"] == name
+    return printed["key"]
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def engine_idle(service: Service, model: str = MODEL) -> bool:
+    """The served engine holds no request and no KV block."""
+    stats = service.models[model].llm.metrics()
+    return stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict | str]:
+    """Parsed `data:` events of a streamed response; the final "[DONE]" is yielded as the string."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def assert_error(response: httpx.Response, status: int, type_: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI-shaped error with this status, and nothing that looks like a traceback or a local path."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    if type_ is not None:
+        assert body["error"]["type"] == type_, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    assert_no_leak(response.text)
+    return body["error"]
+
+
+def assert_no_leak(text: str) -> None:
+    for marker in ("Traceback", 'File "', "/work/", "/tmp/", "/home/", "site-packages", str(REPO_ROOT)):
+        assert marker not in text, f"{marker!r} leaked in {text!r}"

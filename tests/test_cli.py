@@ -1,0 +1,102 @@
+"""`llmasos generate` error handling: a bad model is one `error:` line and exit code 1, never a traceback, and a
+pickle checkpoint's code never runs, even through the real command in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from support import family_config, make_checkpoint
+
+from llmasos.cli.main import cli
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "home"
+    monkeypatch.setenv("LLMASOS_HOME", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(directory, family_config("qwen2", num_hidden_layers=2))
+    return directory
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_one_error_line(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_generate_prints_a_completion(checkpoint):
+    result = run_cli("generate", "--model", str(checkpoint), "--max-tokens", "4", "To be")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("To be") and result.stderr == ""
+
+
+def test_a_missing_model_is_one_error_line():
+    assert_one_error_line(run_cli("generate", "--model", "/missing", "x"), "/missing")
+
+
+def test_a_directory_without_config_is_one_error_line(tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    assert_one_error_line(run_cli("generate", "--model", str(empty), "x"), "config.json")
+
+
+def test_corrupt_weights_are_one_error_line(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in checkpoint.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_one_error_line(run_cli("generate", "--model", str(broken), "x"), str(weights))
+
+
+def test_a_bad_option_value_is_one_error_line(checkpoint):
+    assert_one_error_line(run_cli("generate", "--model", str(checkpoint), "--max-tokens", "-3", "x"), "max_tokens")
+    assert_one_error_line(run_cli("generate", "--model", str(checkpoint), "--dtype", "int3", "x"), "int3")
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_pickle_checkpoint_never_runs_through_the_real_command(checkpoint, tmp_path, home):
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((checkpoint / name).read_bytes())
+    marker = tmp_path / "pwned"
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    pickle.loads((directory / "pytorch_model.bin").read_bytes())  # the payload is live: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+    result = subprocess.run([sys.executable, "-m", "llmasos", "generate", "--model", str(directory), "hello"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "LLMASOS_HOME": str(home)})
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert "pytorch_model.bin" in lines[0] and "safetensors" in lines[0]
+    assert result.stdout == ""
+    assert not marker.exists()

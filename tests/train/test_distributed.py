@@ -1,0 +1,58 @@
+"""torchrun: a 2-process data-parallel run (DDP, and FSDP) ends with the weights of a 1-process run with the same
+global batch and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+# Uneven lengths and loss-token counts per rank, so the global token normalisation is exercised.
+DATA = [{"prompt": f"Question {i}: " + "why " * (i % 5), "completion": " because" * (1 + i % 3)} for i in range(10)]
+DATA += [{"text": "The quality of mercy is not strained; it droppeth as the gentle rain from heaven. " * 3}]
+
+
+def train(model_dir, data, output, processes: int, *extra: str) -> dict:
+    command = [sys.executable, "-m", "llmasos", "train", "--model", str(model_dir), "--data", str(data),
+               "--output", str(output), "--max-steps", "4", "--batch-size", "8", "--learning-rate", "5e-3",
+               "--seed", "11", "--max-seq-length", "64", "--device", "cpu", *extra]
+    if processes > 1:
+        command[1:3] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                        str(29500 + os.getpid() % 1000 + len(extra)), "-m", "llmasos"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(output / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_llama, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ddp")
+    data = directory / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in DATA))
+    return data, train(tiny_llama, data, directory / "one", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tiny_llama, single_process, tmp_path, mode):
+    data, expected = single_process
+    weights = train(tiny_llama, data, tmp_path / mode, 2, *(["--fsdp"] if mode == "fsdp" else []))
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    assert max((expected[k] - original[k]).abs().max().item() for k in expected) > 1e-3  # training moved them
+    assert max((weights[k] - expected[k]).abs().max().item() for k in expected) < 1e-4
+    metrics = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 4  # rank 0 alone writes the metrics
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_exact(tiny_llama, single_process, tmp_path):
+    data, _ = single_process
+    straight = train(tiny_llama, data, tmp_path / "straight", 2, "--fsdp", "--save-steps", "2")
+    resumed = train(tiny_llama, data, tmp_path / "resumed", 2, "--fsdp", "--resume",
+                    str(tmp_path / "straight" / "checkpoint-2"))
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-5

@@ -1,0 +1,99 @@
+"""LoRA: adapters PEFT loads with matching logits, merged exports, and `apply_adapter` for inference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmasos import LLM, LLMTrainer, TrainingArguments
+from llmasos.errors import ModelLoadError
+from llmasos.models.loader import load_model
+from llmasos.train import apply_adapter
+
+from .test_trainer import IDS, our_logits, transformers_logits
+
+TEXT = ["ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 8]
+
+
+def lora_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(output_dir=str(tmp_path / "run"), method="lora", max_steps=8, per_device_train_batch_size=2,
+                  learning_rate=2e-2, max_seq_length=64, save_steps=None, progress_bar=False, lora_r=4,
+                  lora_alpha=8)
+    return TrainingArguments(**{**values, **overrides})
+
+
+def peft_logits(base_dir, adapter_dir) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        return model(IDS).logits[0].float()
+
+
+@pytest.mark.parametrize("fixture, targets", [("tiny_llama", None), ("tiny_gpt2", None),
+                                              ("tiny_qwen2", ["q_proj", "v_proj"])])
+def test_peft_loads_our_adapter_with_matching_logits(fixture, targets, request, tmp_path):
+    base_dir = request.getfixturevalue(fixture)
+    model = LLMTrainer.from_pretrained(base_dir)
+    frozen = {name: p.detach().clone() for name, p in model.model.named_parameters()}
+    model.train(TEXT, args=lora_args(tmp_path, lora_target_modules=targets))
+    for name, param in model.model.named_parameters():  # only the adapter matrices moved
+        if ".lora_" not in name:
+            assert torch.equal(param, frozen[name.replace(".base_layer.", ".")]), name
+    ours = our_logits(model.model)
+    assert not torch.allclose(ours, transformers_logits(base_dir), atol=1e-3)
+
+    adapter = model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
+    assert config["base_model_name_or_path"] == str(base_dir)
+    if targets:
+        assert config["target_modules"] == targets
+    assert torch.allclose(peft_logits(base_dir, adapter), ours, atol=1e-5, rtol=0)
+
+    merged = model.save_pretrained(tmp_path / "merged", merge=True)
+    assert not (merged / "adapter_config.json").exists()
+    assert torch.allclose(transformers_logits(merged), ours, atol=1e-5, rtol=0)
+    assert torch.allclose(our_logits(LLM.load(merged, dtype="float32").model), ours, atol=1e-5, rtol=0)
+
+    # Inference without any adapter code: merge the saved adapter into a freshly loaded base model.
+    base, _ = load_model(base_dir, dtype="float32")
+    merged_paths = apply_adapter(base, adapter)
+    assert merged_paths and all(path.split(".")[-1] in config["target_modules"] for path in merged_paths)
+    assert torch.allclose(our_logits(base), ours, atol=1e-5, rtol=0)
+
+
+def test_apply_adapter_reads_an_adapter_peft_wrote(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    peft_model = get_peft_model(reference, LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "down_proj"],
+                                                      init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "peft_adapter")
+    with torch.no_grad():
+        expected = peft_model.eval()(IDS).logits[0]
+    base, _ = load_model(tiny_llama, dtype="float32")
+    apply_adapter(base, tmp_path / "peft_adapter")
+    assert torch.allclose(our_logits(base), expected, atol=1e-5, rtol=0)
+
+
+def test_bad_adapters_are_refused_clearly(tiny_llama, tiny_gpt2, tmp_path):
+    base, _ = load_model(tiny_llama, dtype="float32")
+    with pytest.raises(ModelLoadError, match="adapter_config.json not found"):
+        apply_adapter(base, tmp_path)
+    model = LLMTrainer.from_pretrained(tiny_gpt2)
+    model.train(TEXT, args=lora_args(tmp_path, max_steps=1))
+    adapter = model.save_pretrained(tmp_path / "gpt2_adapter")
+    with pytest.raises(ModelLoadError, match="no matching linear layer"):
+        apply_adapter(base, adapter)  # a GPT-2 adapter on a Llama model
+
+
+def test_unknown_target_modules_are_a_clear_error(tiny_llama, tmp_path):
+    model = LLMTrainer.from_pretrained(tiny_llama)
+    with pytest.raises(ValueError, match="match no linear layer.*q_proj, k_proj, v_proj, o_proj"):
+        model.train(TEXT, args=lora_args(tmp_path, lora_target_modules=["c_attn"]))
