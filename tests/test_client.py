@@ -146,3 +146,18 @@ def test_an_unreachable_server_is_a_connection_error():
         asyncio.run(run())
     with pytest.raises(httpx.ConnectError):
         httpx.get(url)
+
+
+def test_a_stream_that_fails_midway_raises(tmp_path, monkeypatch):
+    """The server reports a failure after the stream started as an error event; the SDK raises it."""
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+    make_checkpoint(tmp_path / "tiny", family_config("qwen2", num_hidden_layers=2, max_position_embeddings=256))
+    served = {MODEL: load_served_model(tmp_path / "tiny", MODEL, dtype="float32")}
+    with Service(served, ServerSettings(port=free_port())) as service, Client(service.base_url) as client:
+        chunks = client.stream_completions(MODEL, "To be", max_tokens=240, ignore_eos=True)
+        next(chunks)
+        served[MODEL].async_llm.shutdown()  # the engine stops mid-stream
+        with pytest.raises(sdk.APIError, match="generation stopped") as caught:
+            list(chunks)
+        assert caught.value.type == "server_error"
+

@@ -30,7 +30,11 @@ _CHUNK = 1 << 20
 RUNTIME_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json", "model.safetensors.index.json",
+    # sentence-transformers' pooling and normalisation set-up of embedding models
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
 )
+# sentence-transformers module folders, e.g. 1_Pooling/config.json, 2_Dense/model.safetensors
+MODULE_FILE = re.compile(r"[0-9]{1,2}_[A-Za-z]+/(config\.json|model\.safetensors)")
 _SAFETENSORS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
 _TEMPLATE_NAME = re.compile(r"additional_chat_templates/[A-Za-z0-9][A-Za-z0-9._-]*\.jinja")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -40,7 +44,7 @@ def is_runtime_file(relative: str) -> bool:
     """Whether a repo-relative path is one the runtime needs (and is a safe, plain name: no traversal possible)."""
     if relative in RUNTIME_FILES or _SAFETENSORS_NAME.fullmatch(relative):
         return ".." not in relative
-    return bool(_TEMPLATE_NAME.fullmatch(relative)) and ".." not in relative
+    return bool(_TEMPLATE_NAME.fullmatch(relative) or MODULE_FILE.fullmatch(relative)) and ".." not in relative
 
 
 def root() -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmasos.errors import LibraryError, LLMasOSError
-from llmasos.library.store import ADAPTER_FILES, RUNTIME_FILES
+from llmasos.library.store import ADAPTER_FILES, MODULE_FILE, RUNTIME_FILES
 
 _HF_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8", "U8": "uint8"}
 
@@ -33,6 +33,8 @@ def runtime_files_in(directory: Path, weights: list[Path]) -> list[str]:
     """The relative paths to bring into the store: known runtime files present, the weights, extra templates."""
     names = [name for name in RUNTIME_FILES if (directory / name).is_file()]
     names += [weight.name for weight in weights]
+    names += [str(path.relative_to(directory)) for path in sorted(directory.glob("*_*/*"))
+              if MODULE_FILE.fullmatch(str(path.relative_to(directory))) and path.is_file()]
     extra = directory / "additional_chat_templates"
     if extra.is_dir():
         names += [f"additional_chat_templates/{path.name}" for path in sorted(extra.glob("*.jinja"))
@@ -42,12 +44,12 @@ def runtime_files_in(directory: Path, weights: list[Path]) -> list[str]:
 
 def inspect_checkpoint(directory: Path) -> CheckpointInfo:
     """Validate `directory` as a runtime checkpoint; raise LibraryError naming the first problem."""
-    from llmasos.models.loader import check_safetensors, read_config, resolve_directory, weight_files
+    from llmasos.models.loader import check_safetensors, resolve_directory, weight_files
     from llmasos.tokenizer import Tokenizer
 
     try:
         directory = resolve_directory(directory)
-        config = read_config(directory)
+        config = _read_any_config(directory)
         weights = weight_files(directory)
         headers = {weight: check_safetensors(weight) for weight in weights}
         tokenizer = Tokenizer.from_dir(directory)
@@ -72,6 +74,32 @@ def inspect_checkpoint(directory: Path) -> CheckpointInfo:
         family=config.model_type, num_parameters=num_parameters, dtype=dtype,
         context_length=config.max_context_length, files=runtime_files_in(directory, weights),
         has_chat_template=tokenizer.chat_template is not None, license=read_license(directory))
+
+
+def _read_any_config(directory: Path):
+    """The decoder ModelConfig, or, for encoders (BERT family) and encoder-decoders (T5), a light view of the raw
+    config with the fields validation reads; their own loaders check the rest."""
+    import json
+    from types import SimpleNamespace
+
+    from llmasos.models.bert import ENCODER_FAMILIES
+    from llmasos.models.loader import read_config
+    from llmasos.models.t5 import SEQ2SEQ_FAMILIES
+
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type in ENCODER_FAMILIES or model_type in SEQ2SEQ_FAMILIES:
+        vocab = data.get("vocab_size")
+        if not isinstance(vocab, int) or vocab <= 0:
+            raise LibraryError(f"{path}: vocab_size must be a positive integer")
+        context = data.get("max_position_embeddings") or data.get("n_positions") or 512
+        return SimpleNamespace(model_type=model_type, vocab_size=vocab, max_context_length=int(context),
+                               torch_dtype=data.get("dtype") or data.get("torch_dtype"))
+    return read_config(directory)
 
 
 def read_license(directory: Path) -> str | None:

@@ -31,6 +31,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_checkpoint(tmp_path_factory) -> Path:
+    """Like `checkpoint` with a 2048-token context: streams long enough to be caught mid-flight on a busy machine."""
+    directory = tmp_path_factory.mktemp("checkpoints") / "tiny-long"
+    make_checkpoint(directory, family_config("qwen2", num_hidden_layers=2, max_position_embeddings=2048), seed=3)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory) -> Path:
     """A second, different model (llama family, other weights) for multi-model routing."""
     directory = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"

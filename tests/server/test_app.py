@@ -3,10 +3,12 @@ and every client error in OpenAI's shape with the right status — never a trace
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
-from conftest import MODEL, assert_error, assert_no_leak, openai_client, start_service, wait_until
+from conftest import MODEL, assert_error, assert_no_leak, openai_client, sse_events, start_service, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -158,7 +160,7 @@ def test_metrics_expose_every_family_and_count_the_tokens(server):
     assert grew("llmasos_time_to_first_token_seconds", "llmasos_time_to_first_token_seconds_count", model=MODEL) == 2
 
 
-def test_overloaded_is_503_with_retry_after_and_health_follows_the_engine(home, checkpoint):
+def test_overloaded_is_503_with_retry_after(home, checkpoint):
     service = start_service({MODEL: checkpoint}, max_queue=0)
     try:
         for path, body in (("/v1/completions", completion()), ("/v1/chat/completions", chat(stream=True))):
@@ -166,10 +168,24 @@ def test_overloaded_is_503_with_retry_after_and_health_follows_the_engine(home, 
             assert_error(response, 503, "server_error", "overloaded")
             assert int(response.headers["retry-after"]) >= 1
         assert httpx.get(service.base_url + "/v1/models").status_code == 200
-        service.models[MODEL].async_llm.shutdown()  # the engine stops: health must say so, generation must not hang
+    finally:
+        service.stop()
+
+
+def test_an_engine_that_stops_ends_streams_with_an_error_event_and_health_turns_503(home, checkpoint):
+    service = start_service({MODEL: checkpoint})
+    try:
+        body = completion(max_tokens=240, stream=True, ignore_eos=True)
+        with httpx.stream("POST", service.base_url + "/v1/completions", json=body, timeout=30) as response:
+            events = sse_events(response)
+            next(events)
+            service.models[MODEL].async_llm.shutdown()  # the engine stops while the stream is open
+            rest = list(events)
+        assert rest and isinstance(rest[-1], dict) and rest[-1]["error"]["type"] == "server_error", rest[-3:]
+        assert_no_leak(json.dumps(rest[-1]))
         wait_until(lambda: httpx.get(service.base_url + "/health").status_code == 503)
-        response = post(service, "/v1/completions", json=completion())
-        assert response.status_code == 503 and "Traceback" not in response.text
-        assert_no_leak(response.text)
+        with pytest.raises(openai.InternalServerError) as caught:
+            openai_client(service).completions.create(model=MODEL, prompt="To be", max_tokens=2)
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "engine_unavailable"
     finally:
         service.stop()

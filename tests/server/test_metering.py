@@ -9,15 +9,18 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import MODEL, assert_error, cli, engine_idle, openai_client, sse_events, wait_until
+from conftest import MODEL, assert_error, cli, engine_idle, openai_client, sse_events, start_service, wait_until
 
 from llmasos.server import auth
 from llmasos.server.metering import PriceTable, default_price
 
 
 @pytest.fixture(scope="module")
-def metered(home, server):
-    return server
+def metered(home, long_checkpoint):
+    """A server whose model has a 2048-token context, so that a stream is still running when the test acts."""
+    service = start_service({MODEL: long_checkpoint})
+    yield service
+    service.stop()
 
 
 def usage_of(key_name: str) -> dict:
@@ -68,7 +71,7 @@ def test_a_disconnected_stream_is_metered_by_exactly_what_was_sent(metered):
     client hangs up, and the usage row must hold exactly the tokens read — then the engine must drop the request."""
     key = auth.create_key("hangs-up")
     served = metered.models[MODEL]
-    body = {"model": MODEL, "prompt": "To be", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": "To be", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
             "stream": True, "logprobs": 0, "stream_options": {"include_usage": True}}
     read = 0
     wait_until(lambda: engine_idle(metered))
@@ -86,20 +89,20 @@ def test_a_disconnected_stream_is_metered_by_exactly_what_was_sent(metered):
                     read += len(next(events)["choices"][0]["logprobs"]["tokens"])
                 response.close()
                 wait_until(lambda: usage_of("hangs-up")["requests"] == 1)
-                assert usage_of("hangs-up")["completion_tokens"] == read == generated < 240
+                assert usage_of("hangs-up")["completion_tokens"] == read == generated < 2000
     wait_until(lambda: engine_idle(metered))
     assert served.llm.metrics()["kv_cache_usage"] == 0 and served.llm.metrics()["num_running"] == 0
 
 
 def test_a_client_that_leaves_mid_stream_aborts_its_engine_request(metered):
     key = auth.create_key("leaves")
-    body = {"model": MODEL, "prompt": "To be", "max_tokens": 240, "ignore_eos": True, "stream": True, "logprobs": 0}
+    body = {"model": MODEL, "prompt": "To be", "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": 0}
     read = 0
     with httpx.stream("POST", metered.base_url + "/v1/completions", json=body, headers=bearer(key)) as response:
         for _, event in zip(range(3), sse_events(response), strict=False):
             read += len(event["choices"][0]["logprobs"]["tokens"])
     wait_until(lambda: usage_of("leaves")["requests"] == 1)
-    assert read <= usage_of("leaves")["completion_tokens"] < 240
+    assert read <= usage_of("leaves")["completion_tokens"] < 2000
     wait_until(lambda: engine_idle(metered))
 
 
@@ -152,7 +155,7 @@ def test_tokens_per_minute(metered):
 def test_concurrent_requests(metered):
     key = auth.create_key("one-at-a-time", max_concurrency=1)
     client = openai_client(metered, key)
-    body = {"model": MODEL, "prompt": "To be", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL, "prompt": "To be", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", metered.base_url + "/v1/completions", json=body, headers=bearer(key)) as response:
         events = sse_events(response)  # kept referenced: a collected generator closes the connection
         next(events)

@@ -76,12 +76,11 @@ def test_served_model_name_applies_to_one_model(checkpoint, other_checkpoint, tm
 
 
 @pytest.mark.slow
-def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, checkpoint, other_checkpoint,
-                                                                   reference):
+def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, long_checkpoint, other_checkpoint):
     port = free_port()
     env = {**os.environ, "LLMASOS_HOME": str(tmp_path)}
     log = (tmp_path / "serve.log").open("w")
-    command = [sys.executable, "-m", "llmasos", "serve", "--model", str(checkpoint), "--model",
+    command = [sys.executable, "-m", "llmasos", "serve", "--model", str(long_checkpoint), "--model",
                str(other_checkpoint), "--port", str(port), "--dtype", "float32", "--log-level", "warning"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -96,13 +95,14 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, che
         wait_until(healthy, timeout=120, interval=0.2)
         service = type("Remote", (), {"base_url": base})()
         client = openai_client(service)
-        assert sorted(m.id for m in client.models.list().data) == sorted([checkpoint.name, other_checkpoint.name])
-        other = LLM.load(other_checkpoint, dtype="float32")
-        for model, llm in ((checkpoint.name, reference), (other_checkpoint.name, other)):
+        assert sorted(m.id for m in client.models.list().data) == sorted([long_checkpoint.name, other_checkpoint.name])
+        references = {long_checkpoint.name: LLM.load(long_checkpoint, dtype="float32"),
+                      other_checkpoint.name: LLM.load(other_checkpoint, dtype="float32")}
+        for model, llm in references.items():
             answer = client.completions.create(model=model, prompt="To be", max_tokens=8, temperature=0)
             assert answer.model == model and answer.choices[0].text == greedy(llm, "To be", 8)
 
-        body = {"model": checkpoint.name, "prompt": "To be", "max_tokens": 240, "temperature": 0,
+        body = {"model": long_checkpoint.name, "prompt": "To be", "max_tokens": 1500, "temperature": 0,
                 "ignore_eos": True, "stream": True, "logprobs": 0}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
             events = sse_events(response)
@@ -111,7 +111,7 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, che
             rest = list(events)
         chunks = [first, *rest[:-1]]
         assert rest[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) == 240
+        assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) == 1500
         assert process.wait(timeout=60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(base + "/health")
@@ -123,4 +123,4 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, che
     # The drained request was metered (no key: the row has no key name).
     rows = json.loads(subprocess.run([sys.executable, "-m", "llmasos", "usage", "--json"], env=env, cwd=REPO_ROOT,
                                      capture_output=True, text=True, check=True).stdout)
-    assert sum(r["completion_tokens"] for r in rows if r["model"] == checkpoint.name) == 8 + 240
+    assert sum(r["completion_tokens"] for r in rows if r["model"] == long_checkpoint.name) == 8 + 1500
