@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from llmasos.errors import ModelLoadError
-from llmasos.models.bert import BertConfig, BertModel, is_encoder_config, load_encoder, read_config_json
+from llmasos.models.bert import BertConfig, BertModel, is_encoder_config, load_encoder
+from llmasos.models.loader import read_config_json
 from llmasos.tokenizer import Tokenizer
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")

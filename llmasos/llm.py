@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmasos.engine.llm_engine import EngineConfig, LLMEngine
-from llmasos.errors import ModelLoadError
-from llmasos.models.loader import load_model
+from llmasos.models.loader import load_model, read_json_file
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 from llmasos.tokenizer import Tokenizer
@@ -20,14 +18,7 @@ _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_pe
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:
-    path = directory / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_file(directory / "generation_config.json", required=False)
 
 
 def _as_id_set(value) -> set[int]:

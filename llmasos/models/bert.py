@@ -7,7 +7,6 @@ classifiers) are skipped. `ENCODER_FAMILIES` is the encoder registry, apart from
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,20 +249,6 @@ ENCODER_FAMILIES: dict[str, type[BertModel]] = {
 }
 
 
-def read_config_json(directory: str | Path) -> dict[str, Any]:
-    """The config.json of a checkpoint directory as a dict; errors name the file and the problem."""
-    path = Path(directory).expanduser() / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{path} not found: a model directory needs a config.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return data
-
-
 def is_encoder_config(data: dict[str, Any]) -> bool:
     """True when a config.json dict describes one of the supported encoder families."""
     return data.get("model_type") in ENCODER_FAMILIES
@@ -272,25 +257,9 @@ def is_encoder_config(data: dict[str, Any]) -> bool:
 def load_encoder(path: str | Path, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "cpu") -> tuple[BertModel, BertConfig]:
     """Load a BERT-family checkpoint directory (config.json + safetensors) in eval mode."""
-    from llmasos.models.loader import (
-        check_safetensors,
-        load_weights,
-        resolve_device,
-        resolve_directory,
-        resolve_dtype,
-        weight_files,
-    )
+    from llmasos.models.loader import instantiate, read_config_json, resolve_directory
 
     directory = resolve_directory(path)
     config = BertConfig.from_dict(read_config_json(directory))
-    files = weight_files(directory)
-    headers = {file: check_safetensors(file) for file in files}
-    torch_dtype = resolve_dtype(dtype, config, files)
-    device = resolve_device(device)
-    with torch.device("meta"):
-        model = ENCODER_FAMILIES[config.model_type](config)
-    model.to(torch_dtype)
-    model.to_empty(device=device)
-    load_weights(model, headers)
-    model.eval()
+    model = instantiate(ENCODER_FAMILIES[config.model_type], config, directory, dtype, device)
     return model, config

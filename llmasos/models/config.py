@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from llmasos.errors import ModelLoadError
@@ -119,19 +117,6 @@ class ModelConfig:
             raise ModelLoadError(f"config.json is missing required keys: {', '.join(missing)}")
         values = {k: v for k, v in values.items() if v is not None or k in ("rope_scaling", "sliding_window")}
         return cls(**values)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"{path} not found: a model directory needs a config.json")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
 
 
 def _read_rope(data: dict[str, Any], values: dict[str, Any]) -> None:

@@ -33,17 +33,28 @@ def resolve_directory(path: str | Path) -> Path:
     return directory
 
 
-def read_config(directory: Path) -> ModelConfig:
-    path = directory / "config.json"
+def read_json_file(path: Path, required: bool = True) -> dict:
+    """A JSON object from a checkpoint file; a missing optional file is {}. Errors name the file."""
     if not path.is_file():
-        raise ModelLoadError(f"{path} not found: a model directory needs a config.json")
+        if required:
+            raise ModelLoadError(f"{path} not found: a model directory needs a {path.name}")
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
-    return load_config(data)
+    return data
+
+
+def read_config_json(directory: str | Path) -> dict:
+    """config.json of a checkpoint directory, as a dict."""
+    return read_json_file(Path(directory).expanduser() / "config.json")
+
+
+def read_config(directory: Path) -> ModelConfig:
+    return load_config(read_config_json(directory))
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -146,19 +157,29 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu") -> tuple[CausalLM, ModelConfig]:
     directory = resolve_directory(path)
     config = read_config(directory)
+    return instantiate(model_class(config), config, directory, dtype, device), config
+
+
+def instantiate(cls, config, directory: Path, dtype: str | torch.dtype, device: str | torch.device,
+                configure=None):
+    """Build `cls(config)` without allocating twice (on the meta device, then empty on the target device), fill it
+    from the directory's safetensors with every name and shape checked, and return it in eval mode.
+    `configure(config, headers)` may adjust the config from the checkpoint's tensor table first."""
     files = weight_files(directory)
     headers = {file: check_safetensors(file) for file in files}
+    if configure is not None:
+        configure(config, headers)
     torch_dtype = resolve_dtype(dtype, config, files)
     device = resolve_device(device)
-    cls = model_class(config)
     with torch.device("meta"):
         model = cls(config)
     model.to(torch_dtype)
     model.to_empty(device=device)
-    model.tie_weights()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     load_weights(model, headers)
     model.eval()
-    return model, config
+    return model
 
 
 def load_weights(model: CausalLM, headers: dict[Path, dict[str, dict]]) -> None:

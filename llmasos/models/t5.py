@@ -329,28 +329,12 @@ def is_seq2seq_config(data: dict[str, Any]) -> bool:
 def load_seq2seq(path: str | Path, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "cpu") -> tuple[T5ForConditionalGeneration, T5Config]:
     """Load a T5-family checkpoint directory (config.json + safetensors) in eval mode."""
-    from llmasos.models.bert import read_config_json
-    from llmasos.models.loader import (
-        check_safetensors,
-        load_weights,
-        resolve_device,
-        resolve_directory,
-        resolve_dtype,
-        weight_files,
-    )
+    from llmasos.models.loader import instantiate, read_config_json, resolve_directory
+
+    def tie_unless_lm_head(config: T5Config, headers: dict) -> None:  # T5 v1.1 ships its own lm_head
+        config.tie_word_embeddings = not any("lm_head.weight" in header for header in headers.values())
 
     directory = resolve_directory(path)
     config = T5Config.from_dict(read_config_json(directory))
-    files = weight_files(directory)
-    headers = {file: check_safetensors(file) for file in files}
-    config.tie_word_embeddings = not any("lm_head.weight" in header for header in headers.values())
-    torch_dtype = resolve_dtype(dtype, config, files)
-    device = resolve_device(device)
-    with torch.device("meta"):
-        model = SEQ2SEQ_FAMILIES[config.model_type](config)
-    model.to(torch_dtype)
-    model.to_empty(device=device)
-    model.tie_weights()
-    load_weights(model, headers)
-    model.eval()
+    model = instantiate(SEQ2SEQ_FAMILIES[config.model_type], config, directory, dtype, device, tie_unless_lm_head)
     return model, config

@@ -21,7 +21,7 @@ GENERATION_OPTIONS = frozenset({
 def model_kind(directory: str | Path) -> str:
     """ENCODER (BERT family, sentence-transformers layout included), SEQ2SEQ (T5 family) or DECODER (the rest)."""
     from llmasos.embeddings import is_embedding_model
-    from llmasos.models.bert import read_config_json
+    from llmasos.models.loader import read_config_json
     from llmasos.models.t5 import is_seq2seq_config
 
     if is_embedding_model(directory):

@@ -9,7 +9,6 @@ and `LLM.load` all read.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from llmasos.errors import ModelLoadError
 from llmasos.models import CausalLM, ModelConfig, load_config, model_class
-from llmasos.models.loader import load_model
+from llmasos.models.loader import load_model, read_json_file
 from llmasos.tokenizer import Tokenizer
 from llmasos.train import checkpoint as ckpt
 from llmasos.train import lora
@@ -47,16 +46,6 @@ def resolve_model_path(name_or_path: str | Path) -> tuple[Any, Path]:
         raise ModelLoadError(f"model directory {str(name_or_path)!r} does not exist") from None
     resolved = resolve_model(str(name_or_path))
     return resolved, resolved.path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 class LLMTrainer:
@@ -90,7 +79,7 @@ class LLMTrainer:
         if resolved is not None and resolved.template:
             tokenizer.chat_template = resolved.template
         return cls(model, tokenizer, source=str(name_or_path),
-                   generation_config=_read_json(directory / "generation_config.json"))
+                   generation_config=read_json_file(directory / "generation_config.json", required=False))
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | ModelConfig | str | Path, tokenizer: Tokenizer | str | Path,
@@ -104,7 +93,7 @@ class LLMTrainer:
             data = dict(config.raw) or {"model_type": config.model_type}
         elif isinstance(config, (str, Path)):
             path = Path(config)
-            data = _read_json(path / "config.json" if path.is_dir() else path)
+            data = read_json_file(path / "config.json" if path.is_dir() else path)
             if not data:
                 raise ModelLoadError(f"{path}: no model config found (expected a config.json)")
         else:
