@@ -78,9 +78,11 @@ def _check_engine(served: ServedModel, prompts: list[list[int]], params: Samplin
 def _admit(state: ServerState, served: ServedModel, request: Request, prompts: list[list[int]], max_tokens: int,
            n: int) -> tuple[Admission, int]:
     """Limits and the queue: returns the admission and max_tokens capped by the key's remaining quota."""
-    waiting = served.llm.engine.scheduler.waiting
-    if len(waiting) >= state.settings.max_queue:
-        raise APIError(503, f"the server is overloaded ({len(waiting)} requests waiting); retry shortly",
+    engine = served.llm.engine
+    # Queued in the scheduler, or accepted by AsyncLLM but not yet handed to the engine (a lower bound when n > 1).
+    waiting = max(len(engine.scheduler.waiting), served.async_llm.num_in_flight - len(engine.scheduler.running))
+    if waiting >= state.settings.max_queue:
+        raise APIError(503, f"the server is overloaded ({waiting} requests waiting); retry shortly",
                        type="server_error", code="overloaded", headers={"Retry-After": "1"})
     admission = state.limiter.admit(request.state.key, sum(len(p) for p in prompts), max_tokens * n * len(prompts))
     if admission.max_completion_tokens is not None:
