@@ -1,4 +1,6 @@
-"""LLM: the in-process API. Load a checkpoint directory, then generate, chat and score with the engine."""
+"""LLM: the in-process API. Load a model (library name, checkpoint directory or ModelSpec), then generate, chat and
+score with the engine — which runs in this process by default, or in an engine process of its own
+(`engine_process=True`, what the server uses)."""
 
 from __future__ import annotations
 
@@ -7,24 +9,14 @@ from typing import Any
 
 import torch
 
-from llmasos.engine.llm_engine import EngineConfig, LLMEngine
-from llmasos.models.loader import load_model, read_json_file
+from llmasos.engine.core_client import make_client
+from llmasos.engine.llm_engine import LLMEngine
+from llmasos.engine.validation import ContextLengthError, check_token_ids
+from llmasos.models.loader import read_config
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
+from llmasos.spec import ModelSpec, resolve_spec
 from llmasos.tokenizer import Tokenizer
-
-# generation_config.json keys that become request defaults (vLLM's behaviour).
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def read_generation_config(directory: Path) -> dict[str, Any]:
-    return read_json_file(directory / "generation_config.json", required=False)
-
-
-def _as_id_set(value) -> set[int]:
-    if value is None:
-        return set()
-    return {value} if isinstance(value, int) else {v for v in value if isinstance(v, int)}
 
 
 class LLM:
@@ -34,65 +26,86 @@ class LLM:
     >>> llm.generate("Once upon a time", SamplingParams(max_tokens=20, temperature=0))[0].text
     """
 
-    def __init__(self, model, config, tokenizer: Tokenizer, generation_config: dict, dtype: torch.dtype,
-                 device: torch.device, engine_config: EngineConfig, path: Path | None = None) -> None:
-        self.model = model
-        self.config = config
+    def __init__(self, spec: ModelSpec, engine: LLMEngine, tokenizer: Tokenizer) -> None:
+        self.spec = spec
+        self.engine = engine
         self.tokenizer = tokenizer
-        self.generation_config = generation_config
-        self.dtype = dtype
-        self.device = device
-        self.path = path
-        # Set by `load` for a library model (its Modelfile SYSTEM and PARAMETERs); plain directories have none.
-        self.system_prompt: str | None = None
-        self.default_parameters: dict[str, Any] = {}
-        self.eos_token_ids = (_as_id_set(generation_config.get("eos_token_id")) | set(config.eos_token_ids)
-                              | _as_id_set(tokenizer.eos_token_id))
-        self.engine = LLMEngine(model, tokenizer, self.eos_token_ids, dtype, device, engine_config)
+        self.config = read_config(spec.directory)
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu", *,
-             num_kv_blocks: int | None = None, kv_cache_memory: int | str | None = None, block_size: int = 16,
-             max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-             max_model_len: int | None = None, enforce_eager: bool = False) -> LLM:
-        """Load a library model by name (`llmasos list`) or a Hugging Face checkpoint directory (config.json,
-        safetensors, tokenizer.json). A library model's chat template, system prompt and default parameters apply."""
-        from llmasos.library import resolve_model
+    def load(cls, model: str | Path | ModelSpec, dtype: str | torch.dtype = "auto",
+             device: str | torch.device = "cpu", *, quantization: str | None = None,
+             quantization_group_size: int | None = None, engine_process: bool = False,
+             **engine_options: Any) -> LLM:
+        """Load a library model by name (`llmasos list`), a Hugging Face checkpoint directory (config.json,
+        safetensors, tokenizer.json) or a ModelSpec. A library model's adapter, chat template, system prompt and
+        default parameters apply. `quantization` ("int8" or "int4") quantizes the weights at load.
+        `engine_options` are EngineOptions fields (num_kv_blocks, kv_cache_memory, max_num_seqs, ...)."""
+        spec = resolve_spec(model, dtype=dtype, device=device, quantization=quantization,
+                            quantization_group_size=quantization_group_size, **engine_options)
+        return cls.from_spec(spec, engine_process=engine_process)
 
-        resolved = resolve_model(path)
-        path = resolved.path
-        engine_config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
-                                     kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens,
-                                     enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
-                                     enforce_eager=enforce_eager)
-        model, config = load_model(path, dtype=dtype, device=device)
-        if resolved.adapter is not None:  # a Modelfile ADAPTER: merged into the weights once, at load
-            from llmasos.train.lora import apply_adapter
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, engine_process: bool = False) -> LLM:
+        if spec.kind != "decoder":
+            raise ValueError(f"{spec.name} is {'an' if spec.kind == 'encoder' else 'a'} {spec.kind} model; LLM runs "
+                             "decoder-only models (use llmasos.pipeline for it)")
+        tokenizer = Tokenizer.from_dir(spec.directory)
+        if spec.template is not None:
+            tokenizer.chat_template = spec.template
+        engine = LLMEngine(make_client(spec, engine_process), tokenizer)
+        return cls(spec, engine, tokenizer)
 
-            apply_adapter(model, resolved.adapter)
-        directory = Path(path).expanduser()
-        tokenizer = Tokenizer.from_dir(directory)
-        if resolved.template is not None:
-            tokenizer.chat_template = resolved.template
-        generation_config = read_generation_config(directory)
-        param = next(model.parameters())
-        llm = cls(model, config, tokenizer, generation_config, param.dtype, param.device, engine_config, directory)
-        llm.system_prompt, llm.default_parameters = resolved.system, dict(resolved.parameters)
-        return llm
+    # -- what was loaded ---------------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self.spec.directory
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.spec.system
+
+    @property
+    def default_parameters(self) -> dict[str, Any]:
+        """The Modelfile PARAMETERs (request defaults that win over generation_config)."""
+        return dict(self.spec.parameters)
+
+    @property
+    def model(self):
+        """The model module (None when the engine runs in another process)."""
+        return self.engine.core.model if self.engine.in_process else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.engine.info.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.info.device)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end generation: generation_config's, config.json's and the tokenizer's EOS."""
+        return set(self.engine.info.eos_token_ids)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.engine.info.num_parameters
+
+    def close(self) -> None:
+        """Stop the engine (ends an engine process; an in-process engine just goes idle)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # -- generation --------------------------------------------------------------------------------------------
     def default_sampling(self, **overrides) -> SamplingParams:
-        """SamplingParams with the checkpoint's generation_config defaults, then `overrides`."""
-        values: dict[str, Any] = {k: self.generation_config[k] for k in _GENERATION_DEFAULTS
-                                  if isinstance(self.generation_config.get(k), (int, float))}
-        if self.generation_config.get("do_sample") is False:
-            values["temperature"] = 0.0
-        if values.get("top_k") == 0:
-            values["top_k"] = -1
-        values.update(self.default_parameters)
-        values.update(overrides)
-        return SamplingParams(**values)
+        """SamplingParams from the model's defaults (ModelSpec.sampling_params), then `overrides`."""
+        return self.spec.sampling_params(**overrides)
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -132,38 +145,23 @@ class LLM:
         return self.generate(prompts, sampling)
 
     # -- scoring -----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def prompt_logprobs(self, token_ids: list[int], top_k: int = 0) -> list:
         """[None, log p(t1|t0), log p(t2|t0,t1), ...]; with top_k > 0, each entry is instead
-        (logprob, {token_id: logprob} of the top_k alternatives)."""
+        (logprob, {token_id: logprob} of the top_k alternatives). Runs as an ordinary scheduled prefill."""
         token_ids = list(token_ids)
         if not token_ids:
             return []
+        check_token_ids(token_ids, self.config.vocab_size)
         if len(token_ids) > self.engine.max_model_len:
-            raise ValueError(f"{len(token_ids)} tokens exceed the model's context of {self.engine.max_model_len}")
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"token ids must be in 0..{vocab - 1}")
-        from llmasos.models.attention import AttentionMetadata, sdpa_backends
+            raise ContextLengthError(f"{len(token_ids)} tokens exceed the model's context of "
+                                     f"{self.engine.max_model_len}", len(token_ids), 0, self.engine.max_model_len)
+        params = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=top_k)
+        entries = self.generate([token_ids], params)[0].prompt_logprobs
+        if top_k:
+            return [None] + [(logprob, dict(top)) for logprob, top in entries[1:]]
+        return [None] + [logprob for logprob, _ in entries[1:]]
 
-        with self.engine.lock, sdpa_backends(self.device):
-            ids = torch.tensor(token_ids, device=self.device)
-            hidden = self.model(ids, torch.arange(len(token_ids), device=self.device),
-                                AttentionMetadata.for_prompts([len(token_ids)]))
-        results: list = [None]
-        chunk = 1024
-        for start in range(0, len(token_ids) - 1, chunk):
-            end = min(start + chunk, len(token_ids) - 1)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:end]), dim=-1)
-            chosen = logprobs.gather(1, ids[start + 1:end + 1].unsqueeze(1)).squeeze(1).tolist()
-            if top_k:
-                values, indices = logprobs.topk(top_k, dim=-1)
-                for lp, vals, idx in zip(chosen, values.tolist(), indices.tolist(), strict=True):
-                    results.append((lp, dict(zip(idx, vals, strict=True))))
-            else:
-                results.extend(chosen)
-        return results
-
-    def metrics(self) -> dict[str, float | int]:
-        """Engine counters: num_preemptions, prefix_cache_hit_rate, kv_cache_usage, num_running, num_waiting."""
+    def metrics(self) -> dict[str, Any]:
+        """Engine counters: num_preemptions, prefix_cache_hit_rate, kv_cache_usage, num_running, num_waiting,
+        weight_bytes, kv_cache_bytes, rss_bytes, ..."""
         return self.engine.metrics()

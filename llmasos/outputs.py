@@ -27,6 +27,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt position (log p of that token, {token: logprob} alternatives).
+    prompt_logprobs: list | None = None
 
     @property
     def text(self) -> str:

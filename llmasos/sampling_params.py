@@ -28,6 +28,7 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # score the prompt: logprob of each prompt token (+ this many alternatives)
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +53,9 @@ class SamplingParams:
         check(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
               f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(self.prompt_logprobs is None
+              or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+              f"prompt_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")

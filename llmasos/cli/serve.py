@@ -26,6 +26,14 @@ def _default_model() -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--kv-cache-memory", default=None, help="KV cache budget per model, e.g. 2GiB.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=int)
+@click.option("--quantization", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantization at load (int8 per channel, int4 group-wise).")
+@click.option("--quantization-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="int4 group size (default 32).")
+@click.option("--num-threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per engine (default: the idle cores, re-checked while serving).")
+@click.option("--engine-process/--engine-in-process", default=True, show_default=True,
+              help="Run each model's engine in a process of its own (the default) or in the server's.")
 @click.option("--max-queue", default=512, show_default=True, type=int, help="Waiting requests before 503.")
 @click.option("--max-body-bytes", default=4 << 20, show_default=True, type=int)
 @click.option("--price-table", type=click.Path(dir_okay=False), default=None,
@@ -33,14 +41,19 @@ def _default_model() -> str:
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=float)
 @click.option("--allow-unauthenticated", is_flag=True, help="Allow a non-loopback bind with no API keys.")
 @click.option("--log-level", default="info", show_default=True)
-def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, max_queue,
-          max_body_bytes, price_table, shutdown_timeout, allow_unauthenticated, log_level) -> None:
+def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, quantization,
+          quantization_group_size, num_threads, engine_process, max_queue, max_body_bytes, price_table,
+          shutdown_timeout, allow_unauthenticated, log_level) -> None:
     """Serve models over the OpenAI API (completions, chat, embeddings)."""
     from llmasos.server.metering import PriceTable
     from llmasos.server.serving import check_bind, load_served_model, run_server
     from llmasos.server.state import ServerSettings
 
     check_bind(host, allow_unauthenticated)  # before minutes of loading
+    if engine_process:  # this process only does HTTP and text: leave the cores to the engines' torch threads
+        import torch
+
+        torch.set_num_threads(1)
     models = models or (_default_model(),)
     if served_model_name and len(models) > 1:
         raise click.UsageError("--served-model-name applies to a single --model")
@@ -49,8 +62,10 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
                               price_table=PriceTable.from_file(price_table) if price_table else PriceTable())
     served = {}
     for name in models:
-        model = load_served_model(name, served_model_name, dtype=dtype, device=device,
-                                  kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs)
+        model = load_served_model(name, served_model_name, engine_process=engine_process, dtype=dtype,
+                                  device=device, quantization=quantization,
+                                  quantization_group_size=int(quantization_group_size or 0) or None,
+                                  kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, num_threads=num_threads)
         if model.id in served:
             raise click.UsageError(f"two models would be served as {model.id!r}; give distinct names")
         served[model.id] = model

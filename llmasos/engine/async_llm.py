@@ -1,5 +1,7 @@
-"""AsyncLLM: the asyncio front of the engine. A background thread runs engine steps; callers await streams of
-incremental outputs; cancelling a stream (a client that went away) aborts its request and frees its blocks at once."""
+"""AsyncLLM: the asyncio front of an engine. A background thread drives the engine (runs in-process steps, or
+receives an engine process's outputs and detokenizes them); callers await streams of incremental outputs; cancelling a
+stream (a client that went away) aborts its request at once. An engine process that dies fails the requests in flight
+and is restarted (a bounded number of times)."""
 
 from __future__ import annotations
 
@@ -7,24 +9,26 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from llmasos.engine.core_client import EngineDeadError
 from llmasos.engine.llm_engine import StepError
 from llmasos.outputs import CompletionOutput, RequestOutput
 from llmasos.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+MAX_RESTARTS = 3  # engine process restarts within RESTART_WINDOW seconds before the engine is given up
+RESTART_WINDOW = 600.0
+
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
 
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped after an unexpected error; the process should be restarted."""
 
 
 class AsyncLLM:
@@ -34,13 +38,16 @@ class AsyncLLM:
     ...     print(delta.outputs[0].text, end="")
     """
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm, max_restarts: int = MAX_RESTARTS) -> None:
         self.llm = llm
         self.engine = llm.engine
+        self.max_restarts = max_restarts
+        self.restarts: list[float] = []  # when the engine process was restarted
         self._streams: dict[str, _Stream] = {}
         self._pending: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id)
         self._wakeup = threading.Event()
         self._stopping = False
+        self._restarting = False
         self._finished = False  # the engine thread has left its loop; set before its last sweep of the streams
         self.error: BaseException | None = None
         self._counter = 0
@@ -51,7 +58,8 @@ class AsyncLLM:
     # -- public ------------------------------------------------------------------------------------------------
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None and not self._stopping and not self._finished
+        return (self._thread.is_alive() and self.error is None and not self._stopping and not self._finished
+                and not self._restarting and self.engine.client.is_alive)
 
     @property
     def num_in_flight(self) -> int:
@@ -63,8 +71,8 @@ class AsyncLLM:
             return f"{prefix}-{self._counter}"
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError now if the engine would refuse the request (context length, cache size, vocabulary)."""
-        self.engine._validate(prompt_token_ids, params)
+        """Raise a PromptError (ValueError) now if the engine would refuse the request."""
+        self.engine.validate(prompt_token_ids, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -81,7 +89,7 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             raise EngineDeadError("the engine is not running")
         self._pending.put(("add", request_id, token_ids, params))
-        self._wakeup.set()
+        self._wake()
         finished = False
         try:
             while True:
@@ -92,7 +100,7 @@ class AsyncLLM:
                     following = stream.queue.get_nowait()
                     item = following if isinstance(following, BaseException) else _merge(item, following)
                 if isinstance(item, BaseException):
-                    raise item  # a refused request (ValueError) or an EngineDeadError
+                    raise item  # a refused request (ValueError), a failed step or an EngineDeadError
                 yield item
                 if item.finished:
                     finished = True
@@ -104,12 +112,17 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         self._pending.put(("abort", request_id))
-        self._wakeup.set()
+        self._wake()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
-        self._wakeup.set()
+        self._wake()
         self._thread.join(timeout)
+        self.engine.shutdown()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self.engine.wake()
 
     # -- engine thread -----------------------------------------------------------------------------------------
     def _drain_pending(self) -> None:
@@ -124,6 +137,8 @@ class AsyncLLM:
                     continue
                 try:
                     self.engine.add_request(token_ids, params, request_id=request_id)
+                except EngineDeadError:
+                    raise
                 except Exception as exc:  # validated already; report rather than kill the loop
                     self._deliver(request_id, exc)
             else:
@@ -154,17 +169,23 @@ class AsyncLLM:
         reason = "the engine was shut down"
         try:
             while not self._stopping:
-                self._drain_pending()
-                if self.engine.scheduler.num_unfinished == 0 and not self.engine.groups:
-                    self._wakeup.wait(timeout=0.5)
-                    self._wakeup.clear()
-                    continue
                 try:
+                    self._drain_pending()
+                    if self.engine.in_process and not self.engine.has_unfinished():
+                        self._wakeup.wait(timeout=0.5)
+                        self._wakeup.clear()
+                        continue
+                    self._wakeup.clear()
                     groups = self.engine.step()
                 except StepError as exc:  # that step's requests were aborted; the engine goes on serving
                     log.error("%s", exc)
                     for request_id in exc.request_ids:
                         self._deliver(request_id, RuntimeError(str(exc)))
+                    continue
+                except EngineDeadError as exc:
+                    if self._stopping:
+                        break
+                    self._recover(exc)
                     continue
                 self._deliver_all([(group.request_id, group.output(delta=True)) for group in groups])
         except BaseException as exc:  # noqa: BLE001 - the thread must report any failure to every waiter
@@ -176,6 +197,25 @@ class AsyncLLM:
             self._finished = True
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(reason))
+
+    def _recover(self, exc: EngineDeadError) -> None:
+        """The engine process died: fail what was in flight at once, then start a new process (bounded)."""
+        self._restarting = True
+        log.error("%s; failing %d request(s) in flight", exc, len(self.engine.groups))
+        for request_id in self.engine.fail_all():
+            self._deliver(request_id, EngineDeadError(f"the engine stopped while generating: {exc}"))
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW]
+        if len(self.restarts) >= self.max_restarts:
+            raise EngineDeadError(f"{exc}; it was restarted {len(self.restarts)} times in the last "
+                                  f"{RESTART_WINDOW:.0f} s, giving up") from exc
+        self.restarts.append(now)
+        log.warning("restarting the engine process (restart %d of at most %d)", len(self.restarts),
+                    self.max_restarts)
+        self.engine.client.restart()
+        log.warning("the engine process is back (pid %d)", self.engine.client.process.pid)
+        # Requests that arrived meanwhile were queued; the ones already handed to the dead engine were failed.
+        self._restarting = False
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -196,5 +236,6 @@ def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
             (before.logprobs or []) + (out.logprobs or [])
         outputs.append(CompletionOutput(out.index, before.text + out.text, before.token_ids + out.token_ids,
                                         out.finish_reason, logprobs, out.stop_reason))
+    prompt_logprobs = first.prompt_logprobs if second.prompt_logprobs is None else second.prompt_logprobs
     return RequestOutput(second.request_id, second.prompt, second.prompt_token_ids, outputs, second.finished,
-                         second.num_cached_tokens)
+                         second.num_cached_tokens, prompt_logprobs)

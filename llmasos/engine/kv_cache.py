@@ -82,8 +82,8 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """Cached blocks matching the request's leading full blocks. The last token is always recomputed, since
-        its logits are needed to sample."""
-        if not self.enable_prefix_caching:
+        its logits are needed to sample. A request scoring its prompt computes every position itself."""
+        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
             return []
         size = self.block_size
         max_blocks = (request.num_tokens - 1) // size

@@ -38,10 +38,17 @@ class ModelRunner:
         query_lens, context_lens, block_tables = [], [], []
         sampling_rows: list[int] = []
         sampling_requests: list[Request] = []
+        scoring: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, number of rows)
         size = self.kv.block_size
         for request, num_new in scheduled:
             start = request.num_computed_tokens
             end = start + num_new
+            if request.wants_prompt_logprobs:
+                # Hidden state at position p scores prompt token p + 1; positions scored before are skipped.
+                first = max(start, len(request.prompt_logprobs) - 1)
+                last = min(end, request.num_prompt_tokens - 1)
+                if last > first:
+                    scoring.append((request, len(input_ids) + first - start, first, last - first))
             input_ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
             table = [block.block_id for block in request.blocks]
@@ -49,7 +56,7 @@ class ModelRunner:
             query_lens.append(num_new)
             context_lens.append(end)
             block_tables.append(table)
-            if end == request.num_tokens:
+            if end == request.num_tokens and request.params.max_tokens > 0:
                 sampling_rows.append(len(input_ids) - 1)
                 sampling_requests.append(request)
         device = self.device
@@ -63,8 +70,27 @@ class ModelRunner:
             with sdpa_backends(device):
                 hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device),
                                     attn)
+        for request, row, position, count in scoring:
+            self._score_prompt(request, hidden[row:row + count], position, count)
         if not sampling_requests:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sampling_rows, device=device)])
         token_ids, logprobs = sample(logits, sampling_requests)
         return list(zip(sampling_requests, token_ids, logprobs, strict=True))
+
+    def _score_prompt(self, request: Request, hidden: torch.Tensor, position: int, count: int,
+                      chunk: int = 512) -> None:
+        """Append (log p(prompt token), top alternatives) for prompt tokens position+1 .. position+count; logits are
+        made `chunk` rows at a time so a long prompt never holds (prompt, vocab) floats at once."""
+        top_k = request.params.prompt_logprobs
+        targets = torch.tensor(request.prompt_token_ids[position + 1:position + 1 + count], device=hidden.device)
+        for begin in range(0, count, chunk):
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[begin:begin + chunk]).float(), dim=-1)
+            chosen = logprobs.gather(1, targets[begin:begin + chunk].unsqueeze(1)).squeeze(1).tolist()
+            if top_k:
+                values, indices = logprobs.topk(top_k, dim=-1)
+                request.prompt_logprobs.extend(
+                    (lp, dict(zip(idx, vals, strict=True)))
+                    for lp, vals, idx in zip(chosen, values.tolist(), indices.tolist(), strict=True))
+            else:
+                request.prompt_logprobs.extend((lp, {}) for lp in chosen)

@@ -7,7 +7,6 @@ import base64
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -59,14 +58,14 @@ class EmbeddingService:
                 self._running = 0
 
 
-def load_embedding_model(model_id: str, path: str | Path, dtype: str = "auto", device: str = "cpu",
-                         **_engine_options: Any) -> ServedModel:
-    """A ServedModel for an encoder directory; engine options (KV cache, batch sizes) do not apply to it."""
+def load_embedding_model(model_id: str, spec) -> ServedModel:
+    """A ServedModel for an encoder's spec; engine options (KV cache, batch sizes) do not apply to it."""
     from llmasos.embeddings import Embedder
 
-    embedder = Embedder.load(Path(path), dtype="float32" if dtype == "auto" else dtype, device=device)
+    embedder = Embedder.load(Path(spec.path), dtype="float32" if spec.dtype == "auto" else spec.dtype,
+                             device=spec.device)
     service = EmbeddingService(embedder)
-    return ServedModel(id=model_id, llm=service, async_llm=service, path=Path(path), task=EMBED_TASK)
+    return ServedModel(id=model_id, llm=service, async_llm=service, spec=spec, task=EMBED_TASK)
 
 
 def _inputs(body: EmbeddingRequest) -> list[str] | list[list[int]]:

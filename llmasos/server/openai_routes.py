@@ -9,8 +9,8 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
+from llmasos.engine.validation import ContextLengthError, PromptError, check_token_ids, validate_prompt
 from llmasos.errors import TemplateError
 from llmasos.sampling_params import SamplingParams
 from llmasos.server.app import parse_body, served_model
@@ -27,60 +27,48 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in metrics, nev
 
 
 def _sampling(served: ServedModel, body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """Request fields over the model's defaults (Modelfile PARAMETERs, then generation_config)."""
-    defaults = {**served.llm.default_sampling().__dict__, **served.default_params}
-    pick = lambda name, value: defaults.get(name) if value is None else value  # noqa: E731
-    stop = body.stop if body.stop is not None else defaults.get("stop")
+    """The request's fields over the model's defaults, merged by the one rule (ModelSpec.sampling_params)."""
+    min_tokens = body.min_tokens if body.min_tokens is not None else served.spec.sampling_defaults().get("min_tokens")
     try:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=pick("temperature", body.temperature), top_p=pick("top_p", body.top_p),
-            top_k=pick("top_k", body.top_k), min_p=pick("min_p", body.min_p), seed=body.seed, stop=stop,
-            n=body.n, logprobs=logprobs, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, repetition_penalty=pick("repetition_penalty",
-                                                                                body.repetition_penalty),
-            min_tokens=min(body.min_tokens, max_tokens), ignore_eos=body.ignore_eos,
+        return served.spec.sampling_params(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, seed=body.seed, stop=body.stop, n=body.n, logprobs=logprobs,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+            min_tokens=None if min_tokens is None else min(min_tokens, max_tokens),
             logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 
 
-def _check_token_ids(served: ServedModel, prompts: list[list[int]], param: str) -> None:
-    vocab = served.llm.config.vocab_size
-    for prompt in prompts:
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param=param)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param=param)
-
-
-def _check_context(served: ServedModel, prompts: list[list[int]], max_tokens: int, param: str) -> None:
-    _check_token_ids(served, prompts, param)
-    for prompt in prompts:
-        if len(prompt) + max_tokens > served.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {served.max_model_len} tokens. However, "
-                           f"you requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, "
-                           f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                           param=param, code="context_length_exceeded")
-
-
-def _check_engine(served: ServedModel, prompts: list[list[int]], params: SamplingParams, param: str) -> None:
-    """What the engine itself would refuse (a request larger than the whole KV cache), as a 400 before queueing."""
-    if not served.async_llm.is_alive:
-        raise APIError(503, f"the engine of model {served.id!r} is not running; restart the server",
-                       type="server_error", code="engine_unavailable")
+def _check_prompts(served: ServedModel, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+    """Vocabulary, context length and KV-cache size: the engine's own check (validate_prompt), as OpenAI errors."""
+    info = served.llm.engine.info
     for prompt in prompts:
         try:
-            served.async_llm.validate(prompt, params)
-        except ValueError as exc:
+            validate_prompt(prompt, max_tokens, info.vocab_size, info.max_model_len, info.num_kv_blocks,
+                            info.block_size)
+        except ContextLengthError as exc:
+            raise APIError(400, f"This model's maximum context length is {exc.max_model_len} tokens. However, "
+                           f"you requested {exc.num_prompt_tokens + exc.max_tokens} tokens ({exc.num_prompt_tokens} "
+                           f"in the prompt, {exc.max_tokens} for the completion). Please reduce the prompt or "
+                           "max_tokens.", param=param, code="context_length_exceeded") from None
+        except PromptError as exc:
             raise APIError(400, str(exc), param=param) from None
+
+
+def _check_engine(served: ServedModel) -> None:
+    if not served.async_llm.is_alive:
+        raise APIError(503, f"the engine of model {served.id!r} is not running (it may be restarting); retry "
+                       "shortly", type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
 
 
 def _admit(state: ServerState, served: ServedModel, request: Request, prompts: list[list[int]], max_tokens: int,
            n: int) -> tuple[Admission, int]:
     """Limits and the queue: returns the admission and max_tokens capped by the key's remaining quota."""
-    engine = served.llm.engine
+    stats = served.llm.metrics()  # as the engine last reported them: never waits for a step
     # Queued in the scheduler, or accepted by AsyncLLM but not yet handed to the engine (a lower bound when n > 1).
-    waiting = max(len(engine.scheduler.waiting), served.async_llm.num_in_flight - len(engine.scheduler.running))
+    waiting = max(stats["num_waiting"], served.async_llm.num_in_flight - stats["num_running"])
     if waiting >= state.settings.max_queue:
         raise APIError(503, f"the server is overloaded ({waiting} requests waiting); retry shortly",
                        type="server_error", code="overloaded", headers={"Retry-After": "1"})
@@ -105,7 +93,11 @@ def _normalize_prompts(served: ServedModel, prompt) -> tuple[list[list[int]], li
         raise APIError(400, "prompt must be a string, a list of strings, token ids or a list of token-id lists",
                        param="prompt")
     prompts = [list(p) for p in prompt]
-    _check_token_ids(served, prompts, "prompt")  # before decoding: the tokenizer must never see a bad id
+    for ids in prompts:  # before decoding: the tokenizer must never see a bad id
+        try:
+            check_token_ids(ids, served.llm.engine.info.vocab_size)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
     return prompts, [tokenizer.decode(p) for p in prompts]
 
 
@@ -121,13 +113,17 @@ def add_generation_routes(router: APIRouter, state: ServerState) -> None:
         return await _chat(state, request, body)
 
 
-async def _collect(job: Job, request: Request) -> dict[tuple[int, int], dict]:
-    """Run a non-streamed job to the end: per (prompt, choice) its text, token ids, logprobs and finish reason.
-    A client that disconnects meanwhile raises ClientGone, and its engine requests are aborted."""
+async def _collect(job: Job, request: Request,
+                   prompt_logprobs: dict[int, list] | None = None) -> dict[tuple[int, int], dict]:
+    """Run a non-streamed job to the end: per (prompt, choice) its text, token ids, logprobs and finish reason
+    (and, into `prompt_logprobs`, each prompt's scores when the job asked for them). A client that disconnects
+    meanwhile raises ClientGone, and its engine requests are aborted."""
     results: dict[tuple[int, int], dict] = {}
 
     async def consume() -> None:
         async for index, delta in job.run():
+            if prompt_logprobs is not None and delta.prompt_logprobs is not None:
+                prompt_logprobs[index] = delta.prompt_logprobs
             for out in delta.outputs:
                 entry = results.setdefault((index, out.index), {"text": "", "ids": [], "logprobs": [], "finish": None})
                 entry["text"] += out.text
@@ -151,26 +147,25 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and body.stream:
         raise APIError(400, "max_tokens=0 cannot be streamed", param="max_tokens")
-    _check_context(served, prompts, max_tokens, "prompt")
+    _check_prompts(served, prompts, max_tokens, "prompt")
     params = _sampling(served, body, max_tokens, body.logprobs)
-    _check_engine(served, prompts, params, "prompt")
+    _check_engine(served)
     admission, max_tokens = _admit(state, served, request, prompts, max_tokens, body.n)
     params.max_tokens = max_tokens
+    scores_prompt = body.echo and body.logprobs is not None
+    if scores_prompt:  # the prompt's logprobs come from the engine's own prefill of it, under its token budget
+        params.prompt_logprobs = body.logprobs
     job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission)
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)
     handed_to_stream = False
     try:
-        prompt_entries = None
-        if body.echo and body.logprobs is not None:
-            prompt_entries = [await run_in_threadpool(served.llm.prompt_logprobs, p, body.logprobs) for p in prompts]
         if body.stream:
             handed_to_stream = True  # the stream accounts for itself, however it ends
-            return MeteredStream(job, _stream_completions(job, body, created, prompt_entries, prompt_texts), headers)
+            return MeteredStream(job, _stream_completions(job, body, created, prompt_texts), headers)
+        prompt_entries: dict[int, list] = {}
         try:
-            results = await _collect(job, request) if max_tokens > 0 else {
-                (p, i): {"text": "", "ids": [], "logprobs": [], "finish": "length"}
-                for p in range(len(prompts)) for i in range(body.n)}
+            results = await _collect(job, request, prompt_entries)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)  # nothing was sent, so no completion tokens are metered
         job.completion_tokens = sum(len(r["ids"]) for r in results.values())
@@ -191,28 +186,44 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
             job.account()
 
 
-async def _stream_completions(job: Job, body: CompletionRequest, created: int, prompt_entries, prompt_texts):
-    """(event, completion tokens in it) for MeteredStream, which counts the tokens once the event is sent."""
+async def _stream_completions(job: Job, body: CompletionRequest, created: int, prompt_texts):
+    """(event, completion tokens in it) for MeteredStream, which counts the tokens once the event is sent. With echo,
+    each prompt's chunk comes first — once the engine has scored the prompt, when logprobs were asked for."""
     tokenizer, n = job.served.llm.tokenizer, body.n
     base = {"id": job.request_id, "object": "text_completion", "created": created, "model": job.served.id}
     chunk = ChunkFormat(base)
-    if body.echo:
-        for p, prompt in enumerate(job.prompts):
-            for i in range(n):
-                logprobs = (completion_logprobs(tokenizer, prompt, prompt_entries[p])
-                            if prompt_entries is not None else None)
-                yield chunk({"index": p * n + i, "text": prompt_texts[p], "logprobs": logprobs,
-                             "finish_reason": None}), 0
+    scores_prompt = job.params.prompt_logprobs is not None
+    echoed: set[int] = set() if body.echo else set(range(len(job.prompts)))
+    held: dict[int, list] = {}  # deltas of a prompt whose scores have not arrived yet
+
+    def echo(p: int, entries) -> list[tuple[str, int]]:
+        logprobs = completion_logprobs(tokenizer, job.prompts[p], entries) if entries is not None else None
+        return [(chunk({"index": p * n + i, "text": prompt_texts[p], "logprobs": logprobs, "finish_reason": None}),
+                 0) for i in range(n)]
+
+    if body.echo and not scores_prompt:
+        for p in range(len(job.prompts)):
+            for event in echo(p, None):
+                yield event
+            echoed.add(p)
     async with aclosing(job.run()) as deltas:
-        async for index, delta in deltas:
-            for out in delta.outputs:
-                if not out.text and not out.token_ids and out.finish_reason is None:
+        async for index, first in deltas:
+            if index not in echoed:
+                if first.prompt_logprobs is None:
+                    held.setdefault(index, []).append(first)
                     continue
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = completion_logprobs(tokenizer, out.token_ids, out.logprobs or [])
-                yield chunk({"index": index * n + out.index, "text": out.text, "logprobs": logprobs,
-                             "finish_reason": out.finish_reason}), len(out.token_ids)
+                for event in echo(index, first.prompt_logprobs):
+                    yield event
+                echoed.add(index)
+            for delta in [*held.pop(index, []), first]:
+                for out in delta.outputs:
+                    if not out.text and not out.token_ids and out.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = completion_logprobs(tokenizer, out.token_ids, out.logprobs or [])
+                    yield chunk({"index": index * n + out.index, "text": out.text, "logprobs": logprobs,
+                                 "finish_reason": out.finish_reason}), len(out.token_ids)
     if body.stream_options and body.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": job.usage()}), 0
     yield sse("[DONE]"), 0
@@ -246,13 +257,13 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     prompt = _render_chat(served, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested is None:  # as much as the context and the whole KV cache leave room for
-        kv = served.llm.engine.kv
-        room = min(served.max_model_len, kv.num_blocks * kv.block_size) - len(prompt)
-        requested = served.default_params.get("max_tokens") or max(1, room)
-    _check_context(served, [prompt], requested, "messages")
+        info = served.llm.engine.info
+        room = min(info.max_model_len, info.num_kv_blocks * info.block_size) - len(prompt)
+        requested = served.spec.sampling_defaults().get("max_tokens") or max(1, room)
+    _check_prompts(served, [prompt], requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(served, body, requested, top)
-    _check_engine(served, [prompt], params, "messages")
+    _check_engine(served)
     admission, max_tokens = _admit(state, served, request, [prompt], requested, body.n)
     params.max_tokens = max_tokens
     job = Job(state, served, "chat.completions", f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, admission)

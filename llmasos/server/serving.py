@@ -16,6 +16,7 @@ import httpx
 import uvicorn
 
 from llmasos.server.state import ServedModel, ServerSettings
+from llmasos.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,37 +30,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_served_model(name_or_path: str | Path, served_name: str | None = None, **llm_options: Any) -> ServedModel:
-    """Load a library model or a checkpoint directory and start its engine thread."""
+def load_served_model(name_or_path: str | Path | ModelSpec, served_name: str | None = None, *,
+                      engine_process: bool = False, **options: Any) -> ServedModel:
+    """Resolve a library model, checkpoint directory or spec once, and start its engine: an engine process of its
+    own with `engine_process=True` (what `llmasos serve` does), else a thread of this process. `options` are
+    resolve_spec's (dtype, device, quantization, engine options)."""
     from llmasos.engine.async_llm import AsyncLLM
     from llmasos.llm import LLM
+    from llmasos.spec import resolve_spec
 
-    resolved = _resolve(name_or_path)
-    model_id = served_name or resolved["name"]
-    from llmasos.embeddings import is_embedding_model
-
-    if is_embedding_model(resolved["path"]):  # an encoder: served on /v1/embeddings, without an engine
+    spec = resolve_spec(name_or_path, **options)
+    model_id = served_name or spec.name
+    if spec.kind == "encoder":  # served on /v1/embeddings, without an engine
         from llmasos.server.embeddings_routes import load_embedding_model
 
-        return load_embedding_model(model_id, resolved["path"], **llm_options)
-    llm = LLM.load(resolved["path"], **llm_options)
-    return ServedModel(id=model_id, llm=llm, async_llm=AsyncLLM(llm), path=Path(resolved["path"]),
-                       system_prompt=resolved.get("system"), default_params=resolved.get("parameters") or {},
-                       chat_template=resolved.get("template"))
-
-
-def _resolve(name_or_path: str | Path) -> dict[str, Any]:
-    """A library name (when the library knows it) or a directory, whose base name becomes the model id."""
-    try:
-        from llmasos.library import resolve_model
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        model = resolve_model(str(name_or_path))
-        return {"name": model.name, "path": model.path, "system": model.system, "parameters": model.parameters,
-                "template": model.template}
-    path = Path(name_or_path).expanduser()
-    return {"name": path.resolve().name, "path": path}
+        return load_embedding_model(model_id, spec)
+    llm = LLM.from_spec(spec, engine_process=engine_process)
+    return ServedModel(id=model_id, llm=llm, async_llm=AsyncLLM(llm), spec=spec)
 
 
 def check_bind(host: str, allow_unauthenticated: bool) -> None:
@@ -169,9 +156,11 @@ class LLMServing:
     >>> service.start(); service.predict(text="Hello"); service.stop()
     """
 
-    def __init__(self, name_or_path: str | Path, served_name: str | None = None, **load_options: Any) -> None:
+    def __init__(self, name_or_path: str | Path | ModelSpec, served_name: str | None = None,
+                 engine_process: bool = True, **load_options: Any) -> None:
         self.name_or_path = name_or_path
         self.served_name = served_name
+        self.engine_process = engine_process
         self.load_options = load_options
 
     @classmethod
@@ -180,6 +169,7 @@ class LLMServing:
 
     def create_service(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> Service:
         """options: ServerSettings fields (max_queue, allow_unauthenticated, ...)."""
-        served = load_served_model(self.name_or_path, self.served_name, **self.load_options)
+        served = load_served_model(self.name_or_path, self.served_name, engine_process=self.engine_process,
+                                   **self.load_options)
         settings = ServerSettings(host=host, port=port or free_port(), **options)
         return Service({served.id: served}, settings)

@@ -25,17 +25,26 @@ class ServerSettings:
 
 @dataclass
 class ServedModel:
-    """One model behind the API: its engine front and the library's per-model defaults."""
+    """One model behind the API: its engine front and its resolved spec (system prompt, template, defaults)."""
 
     id: str
     llm: Any  # llmasos.LLM
     async_llm: Any  # llmasos.engine.async_llm.AsyncLLM
-    path: Path | None = None
-    system_prompt: str | None = None
-    default_params: dict[str, Any] = field(default_factory=dict)
-    chat_template: str | None = None
+    spec: Any = None  # llmasos.spec.ModelSpec
     created: int = field(default_factory=lambda: int(time.time()))
     task: str = "generate"  # "embed": an encoder on /v1/embeddings; llm and async_llm are then an EmbeddingService
+
+    @property
+    def path(self) -> Path | None:
+        return self.spec.directory if self.spec is not None else None
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.spec.system if self.spec is not None else None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.spec.template if self.spec is not None else None
 
     @property
     def max_model_len(self) -> int:
@@ -43,7 +52,7 @@ class ServedModel:
 
     @property
     def num_parameters(self) -> int:
-        return self.llm.model.num_parameters()
+        return self.llm.model.num_parameters() if self.task == "embed" else self.llm.num_parameters
 
 
 class ServerMetrics:
@@ -67,10 +76,27 @@ class ServerMetrics:
         self.preemptions = Gauge("llmasos_num_preemptions", "Preemptions since start", ["model"], registry=r)
         self.prefix_hit_rate = Gauge("llmasos_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      ["model"], registry=r)
+        self.weight_bytes = Gauge("llmasos_model_weight_bytes", "Bytes of the model's weights in memory", ["model"],
+                                  registry=r)
+        self.kv_cache_bytes = Gauge("llmasos_kv_cache_bytes", "Bytes allocated to the model's KV cache", ["model"],
+                                    registry=r)
+        self.rss_bytes = Gauge("llmasos_engine_resident_bytes", "Resident memory of the process running the engine",
+                               ["model"], registry=r)
+        self.engine_threads = Gauge("llmasos_engine_threads", "Torch threads the engine computes with", ["model"],
+                                    registry=r)
+        self.engine_restarts = Gauge("llmasos_engine_restarts", "Engine process restarts after a crash", ["model"],
+                                     registry=r)
 
     def refresh(self, models: dict[str, ServedModel]) -> None:
         for model_id, served in models.items():
-            stats = served.llm.metrics()
+            if served.task != "generate":
+                continue
+            stats = served.llm.metrics()  # the counters the engine last reported: never waits for a step
+            self.weight_bytes.labels(model_id).set(stats["weight_bytes"])
+            self.kv_cache_bytes.labels(model_id).set(stats["kv_cache_bytes"])
+            self.rss_bytes.labels(model_id).set(stats["rss_bytes"])
+            self.engine_threads.labels(model_id).set(stats["num_threads"])
+            self.engine_restarts.labels(model_id).set(len(served.async_llm.restarts))
             self.running.labels(model_id).set(stats["num_running"])
             self.waiting.labels(model_id).set(stats["num_waiting"])
             self.kv_usage.labels(model_id).set(stats["kv_cache_usage"])

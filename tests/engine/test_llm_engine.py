@@ -107,7 +107,7 @@ def test_n_samples_share_the_prompt_blocks(tiny_checkpoint):
     sampling = SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
     llm = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=100)
     request_id = llm.engine.add_request(prompt, sampling)
-    children = llm.engine.groups[request_id].children
+    children = [llm.engine.core.requests[choice.request_id] for choice in llm.engine.groups[request_id].children]
     llm.engine.step()
     tables = [[block.block_id for block in child.blocks] for child in children]
     shared = (len(prompt) - 1) // 16  # full prompt blocks; the last prompt token is always computed per child
