@@ -149,9 +149,9 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_request: Request, exc: EngineDeadError):
-        log.error("generation failed: %s", exc)
-        return error_response(APIError(503, "the model's engine has stopped; the server needs a restart",
-                                       type="server_error", code="engine_unavailable"))
+        log.error("generation failed: %s", exc)  # the request was in flight when its engine went away
+        return error_response(APIError(500, "the model's engine stopped while generating this request; it is "
+                                       "being restarted, retry shortly", type="server_error", code="engine_died"))
 
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, exc: Exception):
