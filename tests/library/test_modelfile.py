@@ -202,3 +202,29 @@ def test_corrupt_adapter_refused(cli, home, workdir, checkpoint):
     assert sorted(p.name for p in (home / "models" / "checkpoints").iterdir()) == before
     modelfile.write_text(f"FROM tiny\nADAPTER {workdir / 'missing'}\n")
     assert "does not exist" in cli("create", "tuned", "-f", str(modelfile)).stderr
+
+
+def test_serving_a_modelfile_model_with_an_adapter_serves_the_adapted_model(cli, home, workdir, checkpoint):
+    """The bug this guards against: the server re-resolved the bare directory and served the base weights."""
+    import torch
+
+    from llmasos.server.serving import Service, free_port, load_served_model
+    from llmasos.server.state import ServerSettings
+
+    assert cli("import", str(checkpoint), "--name", "tiny").exit_code == 0
+    peft_model = _peft_adapter(checkpoint, workdir / "lora")
+    (workdir / "Modelfile").write_text("FROM tiny\nADAPTER lora\n")
+    assert cli("create", "tuned", "-f", str(workdir / "Modelfile")).exit_code == 0
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        expected = torch.log_softmax(peft_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    served = load_served_model("tuned", engine_process=True, dtype="float32", num_kv_blocks=64)
+    with Service({served.id: served}, ServerSettings(port=free_port())) as service:
+        import httpx
+
+        response = httpx.post(f"{service.base_url}/v1/completions", timeout=60, json={
+            "model": "tuned", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert response.status_code == 200, response.text
+    served_logprobs = response.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
+    assert torch.allclose(torch.tensor(served_logprobs), expected, atol=1e-4)

@@ -3,7 +3,6 @@ prompt shows in the prompt token count; without a model and without the bundled 
 
 from __future__ import annotations
 
-import importlib
 import json
 import socket
 import subprocess
@@ -18,18 +17,6 @@ import llmasos
 from llmasos.library import DEFAULT_MODEL_NAME
 
 BUNDLED = Path(llmasos.__file__).parent / "assets" / "default_model"
-
-
-def _server_available() -> bool:
-    try:
-        importlib.import_module("llmasos.server")
-        importlib.import_module("llmasos.cli.serve")
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _server_available(), reason="needs llmasos serve (issue 4)")
 
 
 def free_port() -> int:

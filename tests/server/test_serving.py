@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import httpx
+import psutil
 import pytest
 from click.testing import CliRunner
 from conftest import REPO_ROOT, cli, create_key, openai_client, sse_events, wait_until
@@ -93,6 +94,8 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, lon
                 return False
 
         wait_until(healthy, timeout=120, interval=0.2)
+        engines = psutil.Process(process.pid).children()  # one engine process per model
+        assert len(engines) == 2
         service = type("Remote", (), {"base_url": base})()
         client = openai_client(service)
         assert sorted(m.id for m in client.models.list().data) == sorted([long_checkpoint.name, other_checkpoint.name])
@@ -115,6 +118,8 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, lon
         assert process.wait(timeout=60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(base + "/health")
+        _, alive = psutil.wait_procs(engines, timeout=5)
+        assert not alive  # the engines stopped with the server
     finally:
         if process.poll() is None:
             process.kill()
