@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from llmasos.errors import ModelLoadError
 from llmasos.models.bert import BertConfig, BertModel, is_encoder_config, load_encoder
 from llmasos.models.loader import read_config_json
+from llmasos.spec import ModelSpec, resolve_spec
 from llmasos.tokenizer import Tokenizer
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -202,8 +203,9 @@ class Embedder:
     """A sentence-embedding model: encoder, tokenizer, pooling, optional Dense layers and normalisation."""
 
     def __init__(self, model: BertModel, config: BertConfig, tokenizer: Tokenizer, settings: EmbeddingSettings,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, spec: ModelSpec | None = None) -> None:
         self.model, self.config, self.tokenizer, self.settings, self.path = model, config, tokenizer, settings, path
+        self.spec = spec  # what `load` resolved; None when built by hand
         self.device = next(model.parameters()).device
         self.dense = [Dense.load(p, self.device) for kind, p in settings.post if kind == "dense"]
         self.max_seq_length = min(settings.max_seq_length or model.max_length, model.max_length)
@@ -215,18 +217,24 @@ class Embedder:
         self.pad_token_id = pad if pad is not None else config.pad_token_id
 
     @classmethod
-    def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "float32",
+    def load(cls, model: ModelSpec | str | Path, dtype: str | torch.dtype = "auto",
              device: str | torch.device = "cpu") -> Embedder:
-        """Load a library model by name or a directory (sentence-transformers layout or a plain encoder)."""
-        from llmasos.library import resolve_model
-
-        directory = Path(resolve_model(name_or_path).path).expanduser()
+        """Load a ModelSpec, a library model by name or a directory (sentence-transformers layout or a plain
+        encoder); `dtype` and `device` given here override the spec's. "auto" is float32, as sentence-transformers
+        computes embeddings."""
+        spec = resolve_spec(model, dtype=dtype, device=device)
+        directory = spec.directory
         if not directory.is_dir():
             raise ModelLoadError(f"model directory {str(directory)!r} does not exist")
+        if spec.adapters or spec.quantization:  # refused rather than silently dropped
+            what = "a LoRA adapter (ADAPTER)" if spec.adapters else f"{spec.quantization} quantization"
+            raise ModelLoadError(f"{spec.name} is an embedding model, which cannot take {what}; only decoder-only "
+                                 "models do")
         settings = read_embedding_settings(directory)
-        model, config = load_encoder(settings.encoder_path, dtype=dtype, device=device)
+        encoder, config = load_encoder(settings.encoder_path, dtype="float32" if spec.dtype == "auto" else spec.dtype,
+                                       device=spec.device)
         tokenizer_dir = settings.encoder_path if (settings.encoder_path / "tokenizer.json").is_file() else directory
-        return cls(model, config, Tokenizer.from_dir(tokenizer_dir), settings, directory)
+        return cls(encoder, config, Tokenizer.from_dir(tokenizer_dir), settings, directory, spec)
 
     @property
     def dimension(self) -> int:

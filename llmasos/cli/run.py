@@ -4,9 +4,12 @@ streamed as they are generated, multi-line input between triple quotes, /bye to 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from llmasos.spec import ModelSpec
 
 HELP = '''Available commands:
   /bye       leave
@@ -16,7 +19,8 @@ Start and end a message with """ to write several lines.'''
 
 
 class Session:
-    """A conversation with one loaded model; answers stream to `out` as they are generated."""
+    """A conversation with one loaded model; answers stream to `out` as they are generated. The model's system
+    prompt and defaults come from the spec it was loaded from (`llm.spec`)."""
 
     def __init__(self, llm: Any, sampling: dict[str, Any], system: str | None, raw: bool, out=None) -> None:
         self.llm, self.sampling, self.system, self.out = llm, sampling, system, out or sys.stdout
@@ -29,7 +33,7 @@ class Session:
         from llmasos.library import with_system_prompt
 
         messages = with_system_prompt([*self.messages, {"role": "user", "content": text}],
-                                      self.system or self.llm.system_prompt)
+                                      self.system or self.llm.spec.system)
         return self.llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
     def ask(self, text: str) -> str:
@@ -40,7 +44,8 @@ class Session:
             raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context of "
                              f"{self.llm.engine.max_model_len} tokens; /clear starts a new one")
         params = self.llm.default_sampling(**self.sampling)
-        wanted = self.sampling.get("max_tokens") or self.llm.default_parameters.get("max_tokens") or room
+        # Without a max_tokens of the user's or the model's, an answer may run to the end of the context.
+        wanted = self.sampling.get("max_tokens") or self.llm.spec.sampling_defaults().get("max_tokens") or room
         params.max_tokens = min(wanted, room)
         params.min_tokens = min(params.min_tokens, params.max_tokens)
         answer = self._stream(ids, params)
@@ -125,22 +130,14 @@ def interactive(session: Session) -> None:
         click.echo("\n")
 
 
-def _check_generating_model(model: str) -> None:
+def _check_generating_model(spec: ModelSpec) -> None:
     """Refuse encoders (and T5, which the engine does not run) with a message naming what to use instead."""
-    from pathlib import Path
-
-    from llmasos.library import resolve_model
-    from llmasos.pipelines.base import DECODER, ENCODER, model_kind
-
-    path = Path(resolve_model(model).path).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        kind = model_kind(path)
-        if kind == ENCODER:
-            raise ValueError(f"{model} is an embedding model and cannot chat; use it with pipeline('embeddings') or "
-                             "`llmasos serve` (POST /v1/embeddings)")
-        if kind != DECODER:
-            raise ValueError(f"{model} is an encoder-decoder model; `llmasos run` runs decoder-only models. Use "
-                             "pipeline('text2text-generation' / 'translation' / 'summarization') for it")
+    if spec.kind == "encoder":
+        raise ValueError(f"{spec.name} is an embedding model and cannot chat; use it with pipeline('embeddings') or "
+                         "`llmasos serve` (POST /v1/embeddings)")
+    if spec.kind != "decoder":
+        raise ValueError(f"{spec.name} is an encoder-decoder model; `llmasos run` runs decoder-only models. Use "
+                         "pipeline('text2text-generation' / 'translation' / 'summarization') for it")
 
 
 @click.command()
@@ -166,10 +163,12 @@ def run(model: str, prompt: tuple[str, ...], system: str | None, max_tokens: int
         text = sys.stdin.read().strip()
         if not text:
             raise click.UsageError("no prompt: give PROMPT, pipe one in, or run in a terminal to chat")
-    _check_generating_model(model)
     from llmasos.llm import LLM
+    from llmasos.spec import resolve_spec
 
-    llm = LLM.load(model, dtype=dtype, device=device)
+    spec = resolve_spec(model, dtype=dtype, device=device)  # once: the kind check and the loaded model share it
+    _check_generating_model(spec)
+    llm = LLM.load(spec)
     sampling = {key: value for key, value in (("max_tokens", max_tokens), ("temperature", temperature),
                                               ("seed", seed)) if value is not None}
     session = Session(llm, sampling, system, raw)

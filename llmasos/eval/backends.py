@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from llmasos.llm import LLM
+    from llmasos.spec import ModelSpec
 
 Prompt = str | list[dict]  # plain text, or a chat conversation (list of {"role", "content"})
 
@@ -70,10 +71,17 @@ class InProcessBackend:
         self.model_name = model_name or (str(llm.path) if llm.path is not None else type(llm.model).__name__)
 
     @classmethod
-    def load(cls, model: str | Path, dtype: str = "auto", device: str = "cpu") -> InProcessBackend:
+    def load(cls, model: ModelSpec | str | Path, dtype: str = "auto", device: str = "cpu") -> InProcessBackend:
+        """Resolve `model` once (a spec, library name or directory) and load that spec."""
+        from llmasos.errors import ModelLoadError
         from llmasos.llm import LLM
+        from llmasos.spec import ModelSpec, resolve_spec
 
-        return cls(LLM.load(model, dtype=dtype, device=device), str(model))
+        spec = resolve_spec(model, dtype=dtype, device=device)
+        if spec.kind != "decoder":  # scoring needs prompt log-probabilities, which only the engine's decoders give
+            raise ModelLoadError(f"{spec.name} is {'an' if spec.kind == 'encoder' else 'a'} {spec.kind} model; "
+                                 "evaluations run decoder-only models")
+        return cls(LLM.load(spec), spec.name if isinstance(model, ModelSpec) else str(model))
 
     def context_length(self) -> int | None:
         return self.llm.engine.max_model_len
@@ -123,11 +131,15 @@ def open_backend(model: str | None = None, endpoint: str | None = None, *, api_k
 
 
 def as_backend(model) -> ScoringBackend:
-    """A backend from an `LLM`, a checkpoint path or library name (loaded in process), or a backend itself."""
-    if isinstance(model, (str, Path)):
+    """A backend from an `LLM`, a ModelSpec, a checkpoint path or library name (loaded in process), or a backend
+    itself."""
+    from llmasos.spec import ModelSpec
+
+    if isinstance(model, (str, Path, ModelSpec)):
         return InProcessBackend.load(model)
     if hasattr(model, "prompt_logprobs") and hasattr(model, "tokenizer"):
         return InProcessBackend(model)
     if isinstance(model, ScoringBackend):
         return model
-    raise TypeError(f"cannot evaluate a {type(model).__name__}: pass an LLM, a checkpoint path or a ScoringBackend")
+    raise TypeError(f"cannot evaluate a {type(model).__name__}: pass an LLM, a ModelSpec, a checkpoint path or a "
+                    "ScoringBackend")

@@ -1,5 +1,5 @@
-"""What every task pipeline shares: loading the right kind of model for a name or path, the Pipeline base class,
-and the mapping of transformers-style generation options onto SamplingParams."""
+"""What every task pipeline shares: loading the right kind of model for a ModelSpec, name or path, the Pipeline base
+class, and the mapping of transformers-style generation options onto the request values of the model's spec."""
 
 from __future__ import annotations
 
@@ -8,25 +8,16 @@ from typing import Any
 
 from llmasos.errors import ModelLoadError
 from llmasos.sampling_params import SamplingParams
+from llmasos.spec import ModelSpec, generation_defaults, resolve_spec
 
 ENCODER, SEQ2SEQ, DECODER = "encoder", "seq2seq", "decoder"
 DEFAULT_MAX_NEW_TOKENS = 256
+TRANSFORMERS_TOP_K = 50  # what transformers samples with when neither the call nor the model sets top_k
 # transformers-style generation options every generating pipeline accepts (besides its task options).
 GENERATION_OPTIONS = frozenset({
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
     "repetition_penalty", "num_return_sequences", "seed", "stop", "stop_strings", "ignore_eos",
 })
-
-
-def model_kind(directory: str | Path) -> str:
-    """ENCODER (BERT family, sentence-transformers layout included), SEQ2SEQ (T5 family) or DECODER (the rest)."""
-    from llmasos.embeddings import is_embedding_model
-    from llmasos.models.loader import read_config_json
-    from llmasos.models.t5 import is_seq2seq_config
-
-    if is_embedding_model(directory):
-        return ENCODER
-    return SEQ2SEQ if is_seq2seq_config(read_config_json(directory)) else DECODER
 
 
 def kind_of(backend: Any) -> str:
@@ -38,8 +29,21 @@ def kind_of(backend: Any) -> str:
     return SEQ2SEQ if isinstance(backend, Seq2SeqLM) else DECODER
 
 
+def spec_of(backend: Any) -> ModelSpec:
+    """The ModelSpec a loaded LLM, Seq2SeqLM or Embedder was made from."""
+    spec = getattr(backend, "spec", None)
+    if isinstance(spec, ModelSpec):
+        return spec
+    # A backend built by hand rather than by `load`: a spec of its checkpoint alone.
+    path = getattr(backend, "path", None)
+    return ModelSpec(name=Path(path).name if path else type(backend).__name__, path=str(path or ""),
+                     kind=kind_of(backend),
+                     generation_defaults=generation_defaults(getattr(backend, "generation_config", None) or {}))
+
+
 def load_backend(model: Any, dtype: str = "auto", device: str = "cpu") -> Any:
-    """An LLM, Seq2SeqLM or Embedder for a library name or checkpoint directory (or a loaded one, returned as is)."""
+    """An LLM, Seq2SeqLM or Embedder for a ModelSpec, library name or checkpoint directory (or a loaded one, returned
+    as is). The name is resolved once, here; the spec's kind picks the backend and every backend gets that spec."""
     from llmasos.embeddings import Embedder
     from llmasos.llm import LLM
     from llmasos.pipelines.seq2seq import Seq2SeqLM
@@ -50,17 +54,14 @@ def load_backend(model: Any, dtype: str = "auto", device: str = "cpu") -> Any:
         from llmasos.library import default_model_name
 
         model = default_model_name()
-    from llmasos.library import resolve_model
-
-    path = Path(resolve_model(model).path).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
-    kind = model_kind(path)
-    if kind == ENCODER:
-        return Embedder.load(model, dtype="float32" if dtype == "auto" else dtype, device=device)
-    if kind == SEQ2SEQ:
-        return Seq2SeqLM.load(model, dtype=dtype, device=device)
-    return LLM.load(model, dtype=dtype, device=device)
+    spec = resolve_spec(model, dtype=dtype, device=device)
+    if not spec.directory.is_dir():
+        raise ModelLoadError(f"model directory {spec.path!r} does not exist")
+    if spec.kind == ENCODER:
+        return Embedder.load(spec)
+    if spec.kind == SEQ2SEQ:
+        return Seq2SeqLM.load(spec)
+    return LLM.load(spec)
 
 
 class Pipeline:
@@ -108,6 +109,17 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return generation, {k: v for k, v in options.items() if k not in GENERATION_OPTIONS}
 
 
+def _checkpoint_generation_config(backend: Any, spec: ModelSpec) -> dict[str, Any]:
+    """generation_config.json as the checkpoint wrote it: its do_sample and max_new_tokens are transformers' own
+    defaults, which the spec's sampling defaults do not carry."""
+    config = getattr(backend, "generation_config", None)
+    if config is None and spec.path:
+        from llmasos.models.loader import read_json_file
+
+        config = read_json_file(spec.directory / "generation_config.json", required=False)
+    return config or {}
+
+
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -115,46 +127,44 @@ def _first(*values: Any) -> Any:
 def sampling_params(backend: Any, options: dict[str, Any], prompt_length: int = 0,
                     default_max_new_tokens: int | None = None, stop: list[str] | None = None,
                     logprobs: int | None = None) -> SamplingParams:
-    """transformers' generate options -> SamplingParams, over the model's defaults.
+    """transformers' generate options -> request values for the model's spec, whose `sampling_params` merges them
+    over the model's defaults (Modelfile PARAMETERs, then generation_config.json).
 
     As in transformers, decoding is greedy unless `do_sample=True` (or the checkpoint's generation_config.json says
-    do_sample), and sampling uses top_k=50 unless told otherwise. `max_length` counts the prompt, `max_new_tokens`
-    does not; without either, generation stops at the model's default (256 tokens) or the end of its context."""
-    gen = getattr(backend, "generation_config", {}) or {}
-    library = getattr(backend, "default_parameters", {}) or {}
-    values: dict[str, Any] = {}
-    do_sample = _first(options.get("do_sample"), gen.get("do_sample"), False)
-    if do_sample:
-        values["temperature"] = _first(options.get("temperature"), library.get("temperature"), gen.get("temperature"),
-                                       1.0)
-        values["top_p"] = _first(options.get("top_p"), library.get("top_p"), gen.get("top_p"), 1.0)
-        top_k = _first(options.get("top_k"), library.get("top_k"), gen.get("top_k"), 50)
-        values["top_k"] = -1 if top_k in (0, None) else top_k
-        values["min_p"] = _first(options.get("min_p"), library.get("min_p"), 0.0)
-    else:
-        values["temperature"] = 0.0
-    values["repetition_penalty"] = _first(options.get("repetition_penalty"), library.get("repetition_penalty"),
-                                          gen.get("repetition_penalty"), 1.0)
+    do_sample), and sampling uses top_k=50 unless the call or the model says otherwise. `max_length` counts the
+    prompt, `max_new_tokens` does not; without either, generation stops at the model's default (256 tokens) or the
+    end of its context."""
+    spec = spec_of(backend)
+    model_defaults = spec.sampling_defaults()
+    checkpoint_config = _checkpoint_generation_config(backend, spec)
+    request: dict[str, Any] = {key: options.get(key) for key in ("temperature", "top_p", "top_k", "min_p",
+                                                                 "repetition_penalty")}
+    if not _first(options.get("do_sample"), checkpoint_config.get("do_sample"), False):
+        request["temperature"] = 0.0
+    elif request["top_k"] is None and model_defaults.get("top_k") is None:
+        request["top_k"] = TRANSFORMERS_TOP_K
+    if request["top_k"] == 0:
+        request["top_k"] = -1
     max_new = options.get("max_new_tokens")
     if max_new is None and options.get("max_length") is not None:
         max_new = options["max_length"] - prompt_length
         if max_new < 0:
             raise ValueError(f"max_length {options['max_length']} is shorter than the prompt ({prompt_length} tokens)")
     if max_new is None:
-        max_new = _first(library.get("max_tokens"), gen.get("max_new_tokens"), default_max_new_tokens,
-                         DEFAULT_MAX_NEW_TOKENS)
+        max_new = _first(model_defaults.get("max_tokens"), checkpoint_config.get("max_new_tokens"),
+                         default_max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
         engine = getattr(backend, "engine", None)
         if engine is not None:  # a default must fit the context; an explicit value too long is an error instead
             max_new = max(0, min(max_new, engine.max_model_len - prompt_length))
-    values["max_tokens"] = max_new
-    values["min_tokens"] = min(options.get("min_new_tokens") or 0, max_new)
-    values["n"] = options.get("num_return_sequences") or 1
-    values["seed"] = options.get("seed")
-    values["ignore_eos"] = bool(options.get("ignore_eos", False))
-    stops = _first(options.get("stop"), options.get("stop_strings"), library.get("stop"), stop)
-    values["stop"] = stops or None
-    values["logprobs"] = logprobs
-    return SamplingParams(**values)
+    request["max_tokens"] = max_new
+    request["min_tokens"] = min(_first(options.get("min_new_tokens"), model_defaults.get("min_tokens"), 0), max_new)
+    request["n"] = options.get("num_return_sequences") or None
+    request["seed"] = options.get("seed")
+    request["ignore_eos"] = options.get("ignore_eos")
+    # The task's own stop strings (a plain completion prompt's) come after the model's.
+    request["stop"] = _first(options.get("stop"), options.get("stop_strings"), model_defaults.get("stop"), stop)
+    request["logprobs"] = logprobs
+    return spec.sampling_params(**request)
 
 
 def render_template(template: str, **fields: Any) -> str:

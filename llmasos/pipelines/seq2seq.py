@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
-from llmasos.llm import read_generation_config
+from llmasos.errors import ModelLoadError
+from llmasos.models.loader import read_json_file
 from llmasos.models.t5 import T5Config, T5ForConditionalGeneration, load_seq2seq
 from llmasos.outputs import CompletionOutput, RequestOutput
 from llmasos.sampling_params import SamplingParams
+from llmasos.spec import ModelSpec, generation_defaults, resolve_spec
 from llmasos.tokenizer import Tokenizer
 
 
@@ -25,11 +27,13 @@ class Seq2SeqLM:
     """
 
     def __init__(self, model: T5ForConditionalGeneration, config: T5Config, tokenizer: Tokenizer,
-                 generation_config: dict[str, Any] | None = None, path: Path | None = None) -> None:
+                 generation_config: dict[str, Any] | None = None, path: Path | None = None,
+                 spec: ModelSpec | None = None) -> None:
         self.model, self.config, self.tokenizer, self.path = model, config, tokenizer, path
         self.generation_config = generation_config or {}
-        self.default_parameters: dict[str, Any] = {}
-        self.system_prompt: str | None = None
+        # Built by hand (not by `load`): a spec of the checkpoint alone, so defaults still merge in one place.
+        self.spec = spec or ModelSpec(name=Path(path).name if path else "seq2seq", path=str(path or ""),
+                                      kind="seq2seq", generation_defaults=generation_defaults(self.generation_config))
         self.device = next(model.parameters()).device
         self.eos_token_ids = set(config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -39,16 +43,23 @@ class Seq2SeqLM:
         self._counter = 0
 
     @classmethod
-    def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "auto",
+    def load(cls, model: ModelSpec | str | Path, dtype: str | torch.dtype = "auto",
              device: str | torch.device = "cpu") -> Seq2SeqLM:
-        from llmasos.library import resolve_model
+        """Load a ModelSpec, a library model by name or a checkpoint directory; `dtype` and `device` given here
+        override the spec's."""
+        spec = resolve_spec(model, dtype=dtype, device=device)
+        if spec.adapters or spec.quantization:  # refused rather than silently dropped
+            what = "a LoRA adapter (ADAPTER)" if spec.adapters else f"{spec.quantization} quantization"
+            raise ModelLoadError(f"{spec.name} is an encoder-decoder model, which cannot take {what}; only "
+                                 "decoder-only models do")
+        weights, config = load_seq2seq(spec.path, dtype=spec.dtype, device=spec.device)
+        generation_config = read_json_file(spec.directory / "generation_config.json", required=False)
+        return cls(weights, config, Tokenizer.from_dir(spec.directory), generation_config, spec.directory, spec)
 
-        resolved = resolve_model(name_or_path)
-        model, config = load_seq2seq(resolved.path, dtype=dtype, device=device)
-        directory = Path(resolved.path).expanduser()
-        seq2seq = cls(model, config, Tokenizer.from_dir(directory), read_generation_config(directory), directory)
-        seq2seq.default_parameters = dict(resolved.parameters)
-        return seq2seq
+    def default_sampling(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams for one request: `overrides` over the spec's defaults (Modelfile PARAMETERs, then
+        generation_config.json), as `LLM.default_sampling`."""
+        return self.spec.sampling_params(**overrides)
 
     @property
     def task_specific_params(self) -> dict[str, dict[str, Any]]:
@@ -61,8 +72,7 @@ class Seq2SeqLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params_list = sampling if isinstance(sampling, list) else [sampling or SamplingParams(temperature=0)] * len(
-            prompts)
+        params_list = sampling if isinstance(sampling, list) else [sampling or self.default_sampling()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         id_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]

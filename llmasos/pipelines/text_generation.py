@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmasos.pipelines.base import DECODER, SEQ2SEQ, Pipeline, sampling_params, split_options
+from llmasos.pipelines.base import DECODER, SEQ2SEQ, Pipeline, sampling_params, spec_of, split_options
 
 
 def is_conversation(value: Any) -> bool:
@@ -17,10 +17,10 @@ def is_conversation(value: Any) -> bool:
 
 def chat_prompt_ids(llm: Any, messages: list[dict[str, Any]], chat_template: str | None = None,
                     system_prompt: str | None = None, **template_kwargs: Any) -> list[int]:
-    """The conversation rendered by the model's chat template (with its library system prompt), ready to answer."""
+    """The conversation rendered by the model's chat template (with its spec's system prompt), ready to answer."""
     from llmasos.library import with_system_prompt
 
-    messages = with_system_prompt(messages, system_prompt or llm.system_prompt)
+    messages = with_system_prompt(messages, system_prompt or spec_of(llm).system)
     return llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                              chat_template=chat_template, **template_kwargs)
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from llmasos.errors import ModelLoadError
 from llmasos.models import CausalLM, ModelConfig, load_config, model_class
 from llmasos.models.loader import load_model, read_json_file
+from llmasos.spec import ModelSpec, resolve_spec
 from llmasos.tokenizer import Tokenizer
 from llmasos.train import checkpoint as ckpt
 from llmasos.train import lora
@@ -35,27 +36,15 @@ from llmasos.train.save import DTYPE_NAMES, export_model
 DEFAULT_MAX_SEQ_LENGTH = 1024
 
 
-def resolve_model_path(name_or_path: str | Path) -> tuple[Any, Path]:
-    """A checkpoint directory, or a model library name -> the library's ResolvedModel (path, adapter, template)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return None, path
-    try:
-        from llmasos.library import resolve_model  # the model library: names like shakespeare:tiny
-    except ImportError:
-        raise ModelLoadError(f"model directory {str(name_or_path)!r} does not exist") from None
-    resolved = resolve_model(str(name_or_path))
-    return resolved, resolved.path
-
-
 class LLMTrainer:
     """A model being trained: a native CausalLM (float32 master weights), its tokenizer, and the run settings."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, source: str | None = None,
-                 generation_config: dict[str, Any] | None = None) -> None:
+                 generation_config: dict[str, Any] | None = None, spec: ModelSpec | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        self.spec = spec  # the model this one was loaded from (None when initialised from scratch)
         self.generation_config = dict(generation_config or {})
         self.lora_settings: dict[str, Any] | None = None
         self.state: TrainResult | None = None
@@ -67,19 +56,26 @@ class LLMTrainer:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: str | torch.dtype = "float32") -> LLMTrainer:
-        """Load a Hugging Face checkpoint directory or a library model (our native families) to train further;
-        weights in float32 by default. A library model's LoRA adapter is merged in and its chat template override
-        used, so training renders conversations exactly as serving that model does."""
-        resolved, directory = resolve_model_path(name_or_path)
-        model, _ = load_model(directory, dtype=dtype, device="cpu")
-        tokenizer = Tokenizer.from_dir(directory)
-        if resolved is not None and resolved.adapter is not None:
-            lora.apply_adapter(model, resolved.adapter)
-        if resolved is not None and resolved.template:
-            tokenizer.chat_template = resolved.template
-        return cls(model, tokenizer, source=str(name_or_path),
-                   generation_config=read_json_file(directory / "generation_config.json", required=False))
+    def from_pretrained(cls, model: ModelSpec | str | Path, dtype: str | torch.dtype | None = None) -> LLMTrainer:
+        """Load a ModelSpec, a library model or a Hugging Face checkpoint directory (our native families) to train
+        further; weights in float32 unless `dtype` (or the spec's dtype) says otherwise. The spec's LoRA adapters are
+        merged in and its chat template used, so training renders conversations exactly as serving that model does."""
+        spec = resolve_spec(model, dtype=dtype if dtype is not None else "auto")
+        if spec.kind != "decoder":
+            raise ModelLoadError(f"{spec.name} is {'an' if spec.kind == 'encoder' else 'a'} {spec.kind} model; the "
+                                 "trainer trains decoder-only models")
+        if spec.quantization is not None:
+            raise ModelLoadError(f"{spec.name} is {spec.quantization}-quantized, which is for serving; train the "
+                                 "unquantized model it was made from instead")
+        weights, _ = load_model(spec.path, dtype="float32" if spec.dtype == "auto" else spec.dtype, device="cpu")
+        for adapter in spec.adapters:  # a Modelfile ADAPTER: the model served is the base plus it
+            lora.apply_adapter(weights, adapter)
+        tokenizer = Tokenizer.from_dir(spec.directory)
+        if spec.template is not None:
+            tokenizer.chat_template = spec.template
+        source = str(model) if not isinstance(model, ModelSpec) else spec.name if spec.library else spec.path
+        return cls(weights, tokenizer, source=source, spec=spec,
+                   generation_config=read_json_file(spec.directory / "generation_config.json", required=False))
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | ModelConfig | str | Path, tokenizer: Tokenizer | str | Path,
