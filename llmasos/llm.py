@@ -33,14 +33,15 @@ class LLM:
         self.config = read_config(spec.directory)
 
     @classmethod
-    def load(cls, model: str | Path | ModelSpec, dtype: str | torch.dtype = "auto",
-             device: str | torch.device = "cpu", *, quantization: str | None = None,
+    def load(cls, model: str | Path | ModelSpec, dtype: str | torch.dtype | None = None,
+             device: str | torch.device | None = None, *, quantization: str | None = None,
              quantization_group_size: int | None = None, engine_process: bool = False,
              **engine_options: Any) -> LLM:
         """Load a library model by name (`llmasos list`), a Hugging Face checkpoint directory (config.json,
         safetensors, tokenizer.json) or a ModelSpec. A library model's adapter, chat template, system prompt and
         default parameters apply. `quantization` ("int8" or "int4") quantizes the weights at load.
-        `engine_options` are EngineOptions fields (num_kv_blocks, kv_cache_memory, max_num_seqs, ...)."""
+        `engine_options` are EngineOptions fields (num_kv_blocks, kv_cache_memory, max_num_seqs, ...). dtype and
+        device default to "auto" and "cpu" (for a spec: its own)."""
         spec = resolve_spec(model, dtype=dtype, device=device, quantization=quantization,
                             quantization_group_size=quantization_group_size, **engine_options)
         return cls.from_spec(spec, engine_process=engine_process)

@@ -33,6 +33,7 @@ class EngineOptions:
     max_model_len: int | None = None
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     num_threads: int | None = None  # torch threads of the engine; None: chosen from the idle cores (llmasos.threads)
+    pack_weights: bool = True  # bf16 on CPU: pre-pack linear weights for oneDNN (llmasos.models.packed_linear)
 
     def __post_init__(self) -> None:
         from llmasos.engine.kv_cache import parse_bytes
@@ -194,7 +195,7 @@ def _quantization_from_config(directory: Path) -> tuple[str | None, int | None]:
     return None, None
 
 
-def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = "auto", device: Any = "cpu",
+def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, device: Any = None,
                  quantization: str | None = None, quantization_group_size: int | None = None,
                  **engine_options: Any) -> ModelSpec:
     """Resolve a library name or checkpoint directory (or pass a spec through, with these options applied).
@@ -206,9 +207,9 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = "auto", d
 
     if isinstance(name_or_path, ModelSpec):
         changes: dict[str, Any] = {}
-        if dtype != "auto":
+        if dtype is not None:
             changes["dtype"] = dtype
-        if str(device) != "cpu":
+        if device is not None:
             changes["device"] = device
         if quantization is not None:
             changes["quantization"] = quantization
@@ -229,6 +230,6 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = "auto", d
     return ModelSpec(
         name=resolved.name, path=str(directory), kind=model_kind(directory) if directory.is_dir() else "decoder",
         adapters=(str(resolved.adapter),) if resolved.adapter is not None else (), system=resolved.system,
-        template=resolved.template, parameters=parameters, generation_defaults=generation, dtype=dtype,
-        device=device, quantization=method, quantization_group_size=int(group),
+        template=resolved.template, parameters=parameters, generation_defaults=generation, dtype=dtype or "auto",
+        device=device or "cpu", quantization=method, quantization_group_size=int(group),
         engine=EngineOptions(**engine_options), library=resolved.library)

@@ -26,6 +26,7 @@ from llmasos.engine.request import Request, RequestStatus
 from llmasos.engine.scheduler import Scheduler
 from llmasos.engine.validation import validate_prompt
 from llmasos.models import CausalLM
+from llmasos.models.packed_linear import packed_bytes
 from llmasos.spec import EngineOptions, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class EngineCore:
         self.options = options = options or EngineOptions()
         param = next(model.parameters())
         dtype, device = self.dtype, self.device = _activation_dtype(model), param.device
+        self._pack_weights()
         model_config = model.config
         if options.max_model_len is not None and options.max_model_len > model_config.max_context_length:
             # Longer would run past the model's positions (GPT-2's learned table fails mid-generation).
@@ -118,7 +120,7 @@ class EngineCore:
         kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.runner.kv_tensors)
         self.info = EngineInfo(
             vocab_size=model_config.vocab_size, max_model_len=self.max_model_len, num_kv_blocks=num_blocks,
-            block_size=options.block_size, num_parameters=model.num_parameters(), weight_bytes=module_bytes(model),
+            block_size=options.block_size, num_parameters=model.num_parameters(), weight_bytes=module_bytes(model) + packed_bytes(model),
             kv_cache_bytes=kv_bytes, dtype=str(dtype).removeprefix("torch."), device=str(device),
             eos_token_ids=sorted(self.eos_token_ids), pid=os.getpid())
 
@@ -126,6 +128,12 @@ class EngineCore:
     def from_spec(cls, spec: ModelSpec) -> EngineCore:
         model, eos = load_for_engine(spec)
         return cls(model, eos, spec.engine)
+
+    def _pack_weights(self) -> None:
+        from llmasos.models.packed_linear import pack_linear_layers, packing_supported
+
+        if self.options.pack_weights and packing_supported(self.dtype, self.device):
+            pack_linear_layers(self.model)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
