@@ -120,7 +120,8 @@ class EngineCore:
         kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.runner.kv_tensors)
         self.info = EngineInfo(
             vocab_size=model_config.vocab_size, max_model_len=self.max_model_len, num_kv_blocks=num_blocks,
-            block_size=options.block_size, num_parameters=model.num_parameters(), weight_bytes=module_bytes(model) + packed_bytes(model),
+            block_size=options.block_size, num_parameters=model.num_parameters(),
+            weight_bytes=module_bytes(model) + packed_bytes(model),
             kv_cache_bytes=kv_bytes, dtype=str(dtype).removeprefix("torch."), device=str(device),
             eos_token_ids=sorted(self.eos_token_ids), pid=os.getpid())
 
