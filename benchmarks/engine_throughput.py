@@ -2,7 +2,7 @@
 checkpoint, in one run. Reports throughput, single-request decode speed and its share of the bandwidth limit,
 prefix-caching TTFT, and TTFT / time-per-output-token percentiles.
 
-    python benchmarks/engine_throughput.py                  # CPU, bf16, the Qwen2-0.5B shape
+    python benchmarks/engine_throughput.py                  # CPU, bf16 (+ int8/int4 decode), the Qwen2-0.5B shape
     python benchmarks/engine_throughput.py --device cuda    # the same on a GPU
     python benchmarks/engine_throughput.py --tiny           # a quick check of the script itself
 """
@@ -40,7 +40,7 @@ def run_engine(llm: LLM, requests: list[tuple[list[int], int]], device: str) -> 
         sync(device)
         now = time.perf_counter()
         for group in groups:
-            tokens = len(group.children[0].output_token_ids)
+            tokens = len(group.children[0].token_ids)
             if tokens and group.request_id not in first:
                 first[group.request_id] = now - start
             if group.finished:
@@ -71,14 +71,22 @@ def run_transformers(model, requests: list[tuple[list[int], int]], batch_size: i
     return {"seconds": time.perf_counter() - start, "tokens": useful}
 
 
-def single_request(llm: LLM, model, vocab: int, device: str) -> dict:
+def our_decode(llm: LLM, vocab: int, device: str) -> tuple[float, float]:
     """One request, 128-token prompt, 64 new tokens. Decode speed = 63 tokens / (time for 64 - time for 1); every
-    run uses a fresh prompt so the prefix cache cannot shorten one of them."""
+    run uses a fresh prompt so the prefix cache cannot shorten one of them. Returns (tok/s, TTFT)."""
     rng = random.Random(7)
     fresh = lambda: [rng.randrange(3, vocab) for _ in range(128)]  # noqa: E731
     run_engine(llm, [(fresh(), 64)], device)  # warm-up (and CUDA graph capture)
     ours_ttft = median([run_engine(llm, [(fresh(), 1)], device)["seconds"] for _ in range(3)])
     ours_total = median([run_engine(llm, [(fresh(), 64)], device)["seconds"] for _ in range(3)])
+    return 63 / (ours_total - ours_ttft), ours_ttft
+
+
+def single_request(llm: LLM, model, vocab: int, device: str) -> dict:
+    """Single-stream decode, ours and transformers' (same prompt length and output length)."""
+    rng = random.Random(7)
+    fresh = lambda: [rng.randrange(3, vocab) for _ in range(128)]  # noqa: E731
+    ours_tps, ours_ttft = our_decode(llm, vocab, device)
 
     def hf(n: int) -> float:
         input_ids = torch.tensor([fresh()], device=device)
@@ -92,7 +100,7 @@ def single_request(llm: LLM, model, vocab: int, device: str) -> dict:
     hf(4)
     hf_ttft = median([hf(1) for _ in range(3)])
     hf_total = median([hf(64) for _ in range(3)])
-    return {"ours_decode_tps": 63 / (ours_total - ours_ttft), "hf_decode_tps": 63 / (hf_total - hf_ttft),
+    return {"ours_decode_tps": ours_tps, "hf_decode_tps": 63 / (hf_total - hf_ttft),
             "ours_ttft": ours_ttft, "hf_ttft": hf_ttft}
 
 
@@ -131,8 +139,19 @@ def main() -> None:
     ours = run_engine(llm, requests, args.device)
     theirs = run_transformers(hf_model, requests, args.hf_batch_size, args.device)
     single = single_request(llm, hf_model, vocab, args.device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in llm.model.parameters()}.values())
+    weight_bytes = llm.metrics()["weight_bytes"]
     bandwidth = copy_bandwidth(args.device)
+    variants = {}  # single-stream decode of other weight formats, against transformers' bf16 decode
+    for label, options in (("bf16, plain F.linear", {"pack_weights": False}), ("int8", {"quantization": "int8"}),
+                           ("int4 g32", {"quantization": "int4", "quantization_group_size": 32}),
+                           ("int4 g128", {"quantization": "int4", "quantization_group_size": 128})):
+        if args.device == "cuda" and "pack_weights" in options:
+            continue
+        other = LLM.load(path, dtype=args.dtype, device=args.device, kv_cache_memory="1GiB", **options)
+        tps, _ = our_decode(other, vocab, args.device)
+        variants[label] = (tps, other.metrics()["weight_bytes"])
+        other.close()
+        del other
     with_cache = prefix_ttft(path, args.device, args.dtype, vocab, True)
     without_cache = prefix_ttft(path, args.device, args.dtype, vocab, False)
 
@@ -144,6 +163,9 @@ def main() -> None:
         "decode_ours_tok_s": single["ours_decode_tps"], "decode_hf_tok_s": single["hf_decode_tps"],
         "decode_ratio": single["ours_decode_tps"] / single["hf_decode_tps"],
         "bandwidth_share": weight_bytes * single["ours_decode_tps"] / bandwidth, "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "decode_variants": {label: {"tok_s": tps, "ratio_to_hf_bf16": tps / single["hf_decode_tps"],
+                                    "bandwidth_share": nbytes * tps / bandwidth}
+                            for label, (tps, nbytes) in variants.items()},
         "prefix_ttft_cached_s": with_cache, "prefix_ttft_uncached_s": without_cache,
         "prefix_ttft_ratio": without_cache / with_cache,
         "ttft_p50_s": median(ours["ttft"]), "ttft_p99_s": percentile(ours["ttft"], 99),
@@ -158,6 +180,9 @@ def main() -> None:
         ("1 request decode: transformers (tok/s)", f"{single['hf_decode_tps']:.1f}"),
         ("decode ratio", f"{results['decode_ratio']:.2f}x"),
         ("share of bandwidth limit", f"{results['bandwidth_share']:.0%} of {results['copy_bandwidth_gb_s']:.1f} GB/s"),
+        *[(f"1 request decode, {label} (tok/s; x transformers bf16; bandwidth share)",
+           f"{v['tok_s']:.1f}; {v['ratio_to_hf_bf16']:.2f}x; {v['bandwidth_share']:.0%}")
+          for label, v in results["decode_variants"].items()],
         ("prefix TTFT, caching on (s)", f"{with_cache:.3f}"),
         ("prefix TTFT, caching off (s)", f"{without_cache:.3f}"),
         ("prefix TTFT ratio", f"{results['prefix_ttft_ratio']:.1f}x"),

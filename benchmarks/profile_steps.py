@@ -1,5 +1,7 @@
 """Where an engine step's time goes: step durations by kind (prefill / mixed / decode) and the top operators.
 
+    python benchmarks/profile_steps.py                     # CPU, bf16, Qwen2-0.5B shape
+    python benchmarks/profile_steps.py --quantization int8
     python benchmarks/profile_steps.py --device cuda
 """
 
@@ -20,17 +22,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
+    parser.add_argument("--no-pack", action="store_true", help="plain F.linear instead of oneDNN-packed bf16")
     args = parser.parse_args()
     shape = TINY if args.tiny else QWEN2_05B
+    parser_quant = args.quantization
     path = random_checkpoint(shape, getattr(torch, args.dtype))
-    llm = LLM.load(path, dtype=args.dtype, device=args.device)
+    llm = LLM.load(path, dtype=args.dtype, device=args.device, quantization=parser_quant,
+                   pack_weights=not args.no_pack)
     engine = llm.engine
 
     def run(requests, profile=False):
         for prompt, n in requests:
             engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         kinds: dict[str, list[float]] = {}
-        while engine.scheduler.num_unfinished:
+        while engine.has_unfinished():
             out_kind = None
             sync(args.device)
             start = time.perf_counter()
