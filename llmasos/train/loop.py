@@ -20,6 +20,7 @@ from torch import nn
 
 from llmasos.models.attention import AttentionMetadata
 from llmasos.models.base import CausalLM
+from llmasos.threads import ThreadGovernor
 from llmasos.train import checkpoint as ckpt
 from llmasos.train.arguments import TrainingArguments
 from llmasos.train.dataset import IGNORE_INDEX, DataOrder, Example, collate, count_loss_tokens, rank_micro_batches
@@ -189,6 +190,11 @@ class Loop:
         reporter: Reporter = self.reporter_factory(self.total_steps, start_step)
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.bf16)
         is_ddp = hasattr(self.wrapped, "no_sync")
+        # On CPU, an intra-op team wider than the idle cores stalls at every barrier; OMP_NUM_THREADS still wins.
+        governor = ThreadGovernor.from_environment() if ctx.device.type == "cpu" else None
+        threads_before = torch.get_num_threads()
+        if governor is not None:
+            governor.apply()
         window_loss, window_tokens, window_seen = 0.0, 0, 0
         last_loss = None
         started = window_start = time.perf_counter()
@@ -197,6 +203,8 @@ class Loop:
         self.wrapped.train()
         try:
             for step in range(start_step, self.total_steps):
+                if governor is not None:
+                    governor.maybe_adjust()
                 indices = order.step_indices(step, self.global_batch)
                 micro = rank_micro_batches(indices, ctx.world_size, ctx.rank, args.per_device_train_batch_size,
                                            args.gradient_accumulation_steps)
@@ -245,6 +253,7 @@ class Loop:
                 eval_loss = self._evaluate(self.total_steps, reporter)
         finally:
             reporter.close()
+            torch.set_num_threads(threads_before)  # the caller's setting again, for whatever it runs next
         return TrainResult(global_step=self.total_steps, train_loss=last_loss, eval_loss=eval_loss,
                            eval_perplexity=None if eval_loss is None else math.exp(min(eval_loss, 700)),
                            num_train_tokens=total_seen, train_seconds=time.perf_counter() - started,
