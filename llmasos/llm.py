@@ -26,11 +26,11 @@ class LLM:
     >>> llm.generate("Once upon a time", SamplingParams(max_tokens=20, temperature=0))[0].text
     """
 
-    def __init__(self, spec: ModelSpec, engine: LLMEngine, tokenizer: Tokenizer) -> None:
+    def __init__(self, spec: ModelSpec, engine: LLMEngine, tokenizer: Tokenizer, config) -> None:
         self.spec = spec
         self.engine = engine
         self.tokenizer = tokenizer
-        self.config = read_config(spec.directory)
+        self.config = config
 
     @classmethod
     def load(cls, model: str | Path | ModelSpec, dtype: str | torch.dtype | None = None,
@@ -51,11 +51,12 @@ class LLM:
         if spec.kind != "decoder":
             raise ValueError(f"{spec.name} is {'an' if spec.kind == 'encoder' else 'a'} {spec.kind} model; LLM runs "
                              "decoder-only models (use llmasos.pipeline for it)")
+        config = read_config(spec.directory)  # first: a directory without config.json is named as such
         tokenizer = Tokenizer.from_dir(spec.directory)
         if spec.template is not None:
             tokenizer.chat_template = spec.template
         engine = LLMEngine(make_client(spec, engine_process), tokenizer)
-        return cls(spec, engine, tokenizer)
+        return cls(spec, engine, tokenizer, config)
 
     # -- what was loaded ---------------------------------------------------------------------------------------
     @property

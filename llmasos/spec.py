@@ -169,6 +169,9 @@ def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
         values["temperature"] = 0.0
     if values.get("top_k") == 0:
         values["top_k"] = -1
+    max_new = generation_config.get("max_new_tokens")
+    if isinstance(max_new, int) and not isinstance(max_new, bool) and max_new > 0:
+        values["max_tokens"] = max_new  # vLLM's reading of it: the default output length
     return values
 
 
@@ -203,7 +206,7 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
     Quantization comes from the argument, else the Modelfile PARAMETER quantization, else a stored quantized
     checkpoint's config.json."""
     from llmasos.library import resolve_model
-    from llmasos.models.loader import read_json_file
+    from llmasos.models.loader import read_json_file, resolve_directory
 
     if isinstance(name_or_path, ModelSpec):
         changes: dict[str, Any] = {}
@@ -219,7 +222,7 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
             changes["engine"] = engine_options
         return name_or_path.replace(**changes) if changes else name_or_path
     resolved = resolve_model(name_or_path)
-    directory = Path(resolved.path).expanduser()
+    directory = resolve_directory(resolved.path)  # a missing or non-directory path is named here, once
     parameters = dict(resolved.parameters)
     stored_method, stored_group = _quantization_from_config(directory)
     method = quantization or parameters.pop("quantization", None) or stored_method
@@ -228,7 +231,7 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
     parameters.pop("quantization_group_size", None)
     generation = generation_defaults(read_json_file(directory / "generation_config.json", required=False))
     return ModelSpec(
-        name=resolved.name, path=str(directory), kind=model_kind(directory) if directory.is_dir() else "decoder",
+        name=resolved.name, path=str(directory), kind=model_kind(directory),
         adapters=(str(resolved.adapter),) if resolved.adapter is not None else (), system=resolved.system,
         template=resolved.template, parameters=parameters, generation_defaults=generation, dtype=dtype or "auto",
         device=device or "cpu", quantization=method, quantization_group_size=int(group),
