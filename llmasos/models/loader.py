@@ -153,11 +153,35 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu") -> tuple[CausalLM, ModelConfig]:
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               quantization: str | None = None, group_size: int = 32) -> tuple[CausalLM, ModelConfig]:
+    """A decoder checkpoint as (model in eval mode, config). `quantization` ("int8" or "int4" with `group_size` 32,
+    64 or 128) quantizes a float checkpoint's weights after loading them (llmasos.models.quantization); a checkpoint
+    stored quantized (config.json's quantization_config) loads straight into quantized layers."""
+    from llmasos.models.quantization import check_method
+    from llmasos.models.quantized_checkpoint import load_quantized, stored_quantization
+
     directory = resolve_directory(path)
     config = read_config(directory)
-    return instantiate(model_class(config), config, directory, dtype, device), config
+    if quantization is not None:
+        try:
+            check_method(quantization, group_size)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+    stored = stored_quantization(config.raw)
+    if stored is not None:
+        method, stored_group = stored
+        if quantization is not None and (quantization != method or (method == "int4" and group_size != stored_group)):
+            shown = method if method == "int8" else f"int4 with group size {stored_group}"
+            raise ModelLoadError(f"{directory} is stored quantized ({shown}) and cannot be quantized again; load it "
+                                 "without a quantization option, or quantize the float checkpoint instead")
+        return load_quantized(model_class(config), config, directory, dtype, device, method, stored_group), config
+    model = instantiate(model_class(config), config, directory, dtype, device)
+    if quantization is not None:
+        from llmasos.models.quantization import quantize_model
+
+        quantize_model(model, quantization, group_size)
+    return model, config
 
 
 def instantiate(cls, config, directory: Path, dtype: str | torch.dtype, device: str | torch.device,
