@@ -19,6 +19,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 
+from llmasos.engine.validation import check_token_ids
 from llmasos.errors import ModelLoadError
 from llmasos.models.bert import BertConfig, BertModel, is_encoder_config, load_encoder
 from llmasos.models.loader import read_config_json
@@ -280,8 +281,7 @@ class Embedder:
         for ids in inputs:
             if not ids or len(ids) > self.max_seq_length:
                 raise ValueError(f"token-id inputs must hold 1 to {self.max_seq_length} tokens, got {len(ids)}")
-            if any(not 0 <= t < self.config.vocab_size for t in ids):
-                raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+            check_token_ids(ids, self.config.vocab_size)
         return [list(ids) for ids in inputs], 0
 
     def encode(self, inputs: str | list[str] | list[list[int]], batch_size: int = 32, normalize: bool | None = None,

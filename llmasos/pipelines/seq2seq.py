@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llmasos.engine.validation import check_token_ids
 from llmasos.errors import ModelLoadError
 from llmasos.models.loader import read_json_file
 from llmasos.models.t5 import T5Config, T5ForConditionalGeneration, load_seq2seq
@@ -77,10 +78,7 @@ class Seq2SeqLM:
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         id_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         for ids in id_lists:
-            if not ids:
-                raise ValueError("the prompt is empty: give at least one token")
-            if any(not 0 <= t < self.config.vocab_size for t in ids):
-                raise ValueError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}")
+            check_token_ids(ids, self.config.vocab_size)
         results: list[RequestOutput | None] = [None] * len(prompts)
         groups: list[tuple[SamplingParams, list[int]]] = []  # prompts with equal parameters decode as one batch
         for index, params in enumerate(params_list):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from llmasos.engine.validation import PromptError, check_token_ids
 from llmasos.server.app import parse_body, served_model
 from llmasos.server.protocol import ChatMessage
 from llmasos.server.state import ServerState
@@ -50,7 +51,9 @@ def add_tokenize_routes(router: APIRouter, state: ServerState) -> None:
     async def detokenize(request: Request):
         body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
         served = served_model(state, body.model, request.state.key)
-        vocab = served.llm.config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in 0..{vocab - 1}", param="tokens")
+        try:
+            if body.tokens:
+                check_token_ids(body.tokens, served.llm.config.vocab_size)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="tokens") from None
         return {"prompt": served.llm.tokenizer.decode(body.tokens)}
