@@ -115,6 +115,7 @@ def show(name: str, as_json: bool, modelfile: bool) -> None:
         click.echo(render_modelfile(row), nl=False)
         return
     data = details(row)
+    data.update(_quantization_details(row, Path(data["path"])))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -127,6 +128,12 @@ def show(name: str, as_json: bool, modelfile: bool) -> None:
     ]
     if row.adapter:
         lines.append(("adapter", row.adapter))
+    quantization = data["quantization"]
+    if quantization is not None:
+        group = f", group size {quantization['group_size']}" if quantization["method"] == "int4" else ""
+        lines.append(("quantized", f"{quantization['method']}{group} (output head int8)"))
+    if data["weight_bytes"] is not None:
+        lines.append(("weights", f"{human_size(data['weight_bytes'])} ({data['weight_bytes']:,} bytes of tensors)"))
     for key, value in lines:
         click.echo(f"{key:<12}{value}")
     if row.system:
@@ -171,7 +178,8 @@ def cp(source: str, target: str) -> None:
 @click.option("--file", "-f", "modelfile", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The Modelfile (FROM, SYSTEM, PARAMETER, TEMPLATE, ADAPTER, LICENSE).")
 def create(name: str, modelfile: Path) -> None:
-    """Create NAME from a Modelfile: a base model plus a system prompt, default parameters, template or adapter."""
+    """Create NAME from a Modelfile: a base model plus a system prompt, default parameters, template or adapter.
+    `PARAMETER quantization int8|int4` stores the weights quantized (a new checkpoint, loaded fast)."""
     from llmasos.library.modelfile import MAX_MODELFILE_BYTES, create_model
     from llmasos.library.names import check_name
 
@@ -183,7 +191,27 @@ def create(name: str, modelfile: Path) -> None:
     except UnicodeDecodeError:
         raise ValueError(f"{modelfile} is not UTF-8 text") from None
     row = create_model(name, text, relative_to=modelfile.resolve().parent)
-    click.echo(f"created {row.name} from {row.base_name}")
+    from llmasos.library.quantized import quantized_from_base
+
+    quantized = quantized_from_base(row)
+    if quantized is None:
+        click.echo(f"created {row.name} from {row.base_name}")
+        return
+    method, group_size = quantized
+    from llmasos.library.manage import human_size
+
+    shown = method if method == "int8" else f"int4, group size {group_size}"
+    click.echo(f"created {row.name} from {row.base_name}: weights quantized to {shown}, {human_size(row.size_bytes)}")
+
+
+def _quantization_details(row, path: Path) -> dict:
+    """`show`'s quantization (method and group size, or None) and the checkpoint's tensor bytes."""
+    from llmasos.library.quantized import checkpoint_quantization, weight_bytes
+
+    quantization = checkpoint_quantization(path) if path.is_dir() else None
+    return {"quantization": None if quantization is None else {"method": quantization[0],
+                                                               "group_size": quantization[1]},
+            "weight_bytes": weight_bytes(path, row.files or []) if path.is_dir() else None}
 
 
 def register(cli: click.Group) -> None:

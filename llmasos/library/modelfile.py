@@ -2,7 +2,10 @@
 
 Instructions (Ollama's syntax): FROM <library model>, SYSTEM <text>, PARAMETER <name> <value> (repeatable; `stop` may
 repeat), TEMPLATE <Jinja chat template>, ADAPTER <LoRA adapter directory>, LICENSE <text>. Values may be quoted with
-"..." or span lines inside triple quotes. Lines starting with # are comments."""
+"..." or span lines inside triple quotes. Lines starting with # are comments.
+
+`PARAMETER quantization int8|int4` (and `PARAMETER quantization_group_size 32|64|128` for int4) is not a sampling
+default: the model is stored as a new, quantized checkpoint (llmasos.library.quantized)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from llmasos.library.registry import LibraryModel, add_model, copy_row, get_mode
 INSTRUCTIONS = ("FROM", "SYSTEM", "PARAMETER", "TEMPLATE", "ADAPTER", "LICENSE")
 _FLOAT_PARAMETERS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _INT_PARAMETERS = ("top_k", "max_tokens", "seed", "min_tokens")
+_QUANTIZATION_PARAMETERS = ("quantization", "quantization_group_size")
 # Ollama's spellings of the same parameters.
 _PARAMETER_ALIASES = {"num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
 MAX_MODELFILE_BYTES = 1 << 20
@@ -69,14 +73,36 @@ def _parameter(argument: str, line_number: int, parameters: dict[str, Any]) -> N
     if key == "stop":
         parameters.setdefault("stop", []).append(raw)
         return
+    if key in _QUANTIZATION_PARAMETERS:
+        parameters[key] = _quantization_value(key, raw, line_number)
+        return
     if key not in _FLOAT_PARAMETERS and key not in _INT_PARAMETERS:
-        supported = ", ".join((*_FLOAT_PARAMETERS, *_INT_PARAMETERS, "stop"))
+        supported = ", ".join((*_FLOAT_PARAMETERS, *_INT_PARAMETERS, "stop", *_QUANTIZATION_PARAMETERS))
         raise LibraryError(f"Modelfile line {line_number}: unknown PARAMETER {key!r}; supported: {supported}")
     try:
         parameters[key] = float(raw) if key in _FLOAT_PARAMETERS else int(raw)
     except ValueError:
         kind = "a number" if key in _FLOAT_PARAMETERS else "an integer"
         raise LibraryError(f"Modelfile line {line_number}: PARAMETER {key} takes {kind}, got {raw!r}") from None
+
+
+def _quantization_value(key: str, raw: str, line_number: int) -> str | int:
+    from llmasos.spec import INT4_GROUP_SIZES, QUANTIZATION_METHODS
+
+    if key == "quantization":
+        if raw.lower() not in QUANTIZATION_METHODS:
+            raise LibraryError(f"Modelfile line {line_number}: PARAMETER quantization takes "
+                               f"{' or '.join(QUANTIZATION_METHODS)}, got {raw!r}")
+        return raw.lower()
+    sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value not in INT4_GROUP_SIZES:
+        raise LibraryError(f"Modelfile line {line_number}: PARAMETER quantization_group_size takes {sizes}, "
+                           f"got {raw!r}")
+    return value
 
 
 def parse_modelfile(text: str) -> Modelfile:
@@ -122,6 +148,9 @@ def parse_modelfile(text: str) -> Modelfile:
 def _check_values(modelfile: Modelfile) -> None:
     from llmasos.sampling_params import SamplingParams
 
+    if "quantization_group_size" in modelfile.parameters and modelfile.parameters.get("quantization") != "int4":
+        raise LibraryError("Modelfile PARAMETER quantization_group_size applies to int4 quantization only: add "
+                           "`PARAMETER quantization int4` or remove the group size")
     known = {f.name for f in fields(SamplingParams) if f.init}
     try:
         SamplingParams(**{k: v for k, v in modelfile.parameters.items() if k in known})
@@ -159,6 +188,10 @@ def create_model(name: str, modelfile_text: str, relative_to: Path | None = None
     modelfile = parse_modelfile(modelfile_text)
     if modelfile.base == name:
         raise LibraryError(f"a model cannot be created FROM itself ({name!r})")
+    if "quantization" in modelfile.parameters:
+        from llmasos.library.quantized import create_quantized
+
+        return create_quantized(name, modelfile, relative_to or Path.cwd())
     with store.lock(store.REGISTRY_LOCK):  # the base must not be removed while the new model starts sharing it
         return _create_locked(name, modelfile, relative_to)
 
@@ -170,6 +203,12 @@ def _create_locked(name: str, modelfile: Modelfile, relative_to: Path | None) ->
                            "another name")
     if modelfile.adapter is not None and base.adapter is not None:
         raise LibraryError(f"{base.name!r} already has a LoRA adapter; create FROM the model it was derived from")
+    if modelfile.adapter is not None:
+        from llmasos.library.quantized import checkpoint_quantization
+
+        if checkpoint_quantization(store.checkpoint_path(base.directory)) is not None:
+            raise LibraryError(f"{base.name!r} is stored quantized and a LoRA adapter cannot be merged into it; "
+                               "create FROM its float base with both ADAPTER and PARAMETER quantization lines")
     parameters = {**(base.parameters or {}), **modelfile.parameters}
     adapter = base.adapter
     if modelfile.adapter is not None:
@@ -191,6 +230,14 @@ def _create_locked(name: str, modelfile: Modelfile, relative_to: Path | None) ->
 def render_modelfile(row: LibraryModel) -> str:
     """A Modelfile that recreates `row` from its base (for `llmasos show --modelfile`)."""
     out = [f"FROM {row.base_name or row.name}"]
+    from llmasos.library.quantized import quantized_from_base
+
+    quantized = quantized_from_base(row)
+    if quantized is not None:
+        method, group_size = quantized
+        out.append(f"PARAMETER quantization {method}")
+        if method == "int4":
+            out.append(f"PARAMETER quantization_group_size {group_size}")
     if row.system:
         out.append(f'SYSTEM """{row.system}"""')
     for key, value in (row.parameters or {}).items():
