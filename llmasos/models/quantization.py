@@ -40,6 +40,7 @@ INT4_OUT_MULTIPLE = 16
 # loses from about 8), and its CUDA kernel is one thread per output with no tiling.
 CPU_INT8_MAX_KERNEL_ROWS = 12
 CUDA_INT8_MAX_KERNEL_ROWS = 16
+QUANTIZE_BLOCK_ELEMENTS = 1 << 24
 _CUDA_INT8_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CUDA")
 
 
@@ -87,9 +88,20 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight(weight: torch.Tensor, method: str, group_size: int = 32) -> QuantizedTensors:
     """Quantize a float weight (out, in). Scales and zeros are rounded to bfloat16 first and the integers computed
-    against the rounded values, so the stored tensors are exactly what the kernels use."""
+    against the rounded values, so the stored tensors are exactly what the kernels use. Works through the rows in
+    blocks, so a large head never has more than ~16M float32 temporaries alive."""
     check_method(method, group_size)
-    w = weight.detach().float()
+    block = max(1, QUANTIZE_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    parts = [_quantize_rows(rows, method, group_size) for rows in weight.detach().split(block)]
+    if len(parts) == 1:
+        return parts[0]
+    zeros = torch.cat([part.zeros for part in parts]) if method == "int4" else None
+    return QuantizedTensors(method, torch.cat([part.qweight for part in parts]),
+                            torch.cat([part.scales for part in parts]), zeros, parts[0].group_size)
+
+
+def _quantize_rows(weight: torch.Tensor, method: str, group_size: int) -> QuantizedTensors:
+    w = weight.float()
     if method == "int8":
         scales = (w.abs().amax(dim=1) / 127).to(SCALE_DTYPE)
         divisor = scales.float().masked_fill(scales == 0, 1.0)
@@ -236,8 +248,10 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("scales", head.scales)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids, self.packed)[..., :self.embedding_dim]  # (..., dim) int8
-        return rows.to(self.dtype) * self.scales[input_ids].to(self.dtype)[..., None]
+        flat = input_ids.reshape(-1)
+        rows = self.packed.index_select(0, flat)[:, :self.embedding_dim]  # (tokens, dim) int8
+        out = rows.to(self.dtype) * self.scales.index_select(0, flat).to(self.dtype)[:, None]
+        return out.view(*input_ids.shape, self.embedding_dim)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

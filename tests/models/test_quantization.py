@@ -30,6 +30,8 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2"]
 METHODS = [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]
 BUNDLED = Path(__file__).resolve().parents[2] / "llmasos" / "assets" / "default_model"
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt"
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 # -- one layer ------------------------------------------------------------------------------------------------------
@@ -38,16 +40,18 @@ SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshak
 @pytest.mark.parametrize("out_features, in_features", [(64, 128), (40, 688), (392, 100)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 5, 40])  # 40: above the int8 kernel's row limit (converted weight, bf16 GEMM)
-def test_layer_computes_x_times_its_dequantized_weight(method, group_size, out_features, in_features, dtype, rows):
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_computes_x_times_its_dequantized_weight(method, group_size, out_features, in_features, dtype, rows,
+                                                       device):
     """Shapes the kernels reject (out 40 or 392 not a multiple of 16, in 688 or 100 not a multiple of the group) run
     zero-padded. The kernels take bf16 activations and return bf16: the reference rounds x the same way, and the
     tolerance is 1% of the largest output, 2.5x bf16's unit roundoff (2**-8) for the output rounding (twice, for
     int8's convert-and-GEMM path); a wrong scale, zero or nibble order is off by O(1)."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
-    bias = torch.randn(out_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(device, dtype)
+    bias = torch.randn(out_features, generator=generator).to(device, dtype)
     layer = QuantizedLinear.from_float(weight, bias, method, group_size)
-    x = torch.randn(2, rows, in_features, generator=generator).to(dtype)  # any leading shape
+    x = torch.randn(2, rows, in_features, generator=generator).to(device, dtype)  # any leading shape
     out = layer(x)
     assert out.shape == (2, rows, out_features) and out.dtype == dtype
     expected = x.to(torch.bfloat16).float() @ dequantized_weight(layer).T + bias.float()
@@ -69,16 +73,33 @@ def test_quantization_error_is_within_half_a_step(method, group_size):
     assert tensors.dequantize(256)[3].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantizing_in_row_blocks_changes_nothing(monkeypatch, method):
+    import llmasos.models.quantization as quantization
+
+    weight = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))
+    whole = quantize_weight(weight, method, 32)
+    monkeypatch.setattr(quantization, "QUANTIZE_BLOCK_ELEMENTS", 7000)  # blocks of 35 rows
+    blocked = quantize_weight(weight, method, 32)
+    for field in ("qweight", "scales", "zeros"):
+        a, b = getattr(whole, field), getattr(blocked, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+
+
 @pytest.mark.parametrize("method, group_size", METHODS)
-def test_packed_layer_gives_back_its_stored_tensors(method, group_size):
-    """int4 layers are unpacked through the kernel itself (the packed layout depends on the CPU's instruction set)."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_layer_gives_back_its_stored_tensors(method, group_size, device):
+    """int4 layers are unpacked through the kernel itself (the packed layout depends on the device and on the CPU's
+    instruction set); tensors quantized on the CPU pack for any device and come back bit for bit."""
     weight = torch.randn(200, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     stored = quantize_weight(weight, method, group_size)
-    back = QuantizedLinear.from_float(weight, None, method, group_size).quantized_tensors()
-    assert torch.equal(back.qweight, stored.qweight) and torch.equal(back.scales, stored.scales)
+    layer = QuantizedLinear.from_quantized(stored, 96, None, torch.bfloat16, device)
+    back = layer.quantized_tensors()
+    assert torch.equal(back.qweight.cpu(), stored.qweight) and torch.equal(back.scales.cpu(), stored.scales)
     if method == "int4":
-        assert torch.equal(back.zeros, stored.zeros)
+        assert torch.equal(back.zeros.cpu(), stored.zeros)
         assert unpack_nibbles(stored.qweight).max() <= 15
+    assert torch.equal(quantize_weight(weight.to(device), method, group_size).qweight.cpu(), stored.qweight)
 
 
 # -- every family ---------------------------------------------------------------------------------------------------
@@ -102,8 +123,9 @@ PROMPT_LENGTHS = [37, 20, 1]
 
 @torch.no_grad()
 def batch_logits(model) -> torch.Tensor:
-    ids = torch.randint(3, 384, (sum(PROMPT_LENGTHS),), generator=torch.Generator().manual_seed(0))
-    positions = torch.cat([torch.arange(n) for n in PROMPT_LENGTHS])
+    device = next(model.parameters()).device
+    ids = torch.randint(3, 384, (sum(PROMPT_LENGTHS),), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.cat([torch.arange(n) for n in PROMPT_LENGTHS]).to(device)
     return model.compute_logits(model(ids, positions, AttentionMetadata.for_prompts(PROMPT_LENGTHS)))
 
 
@@ -163,6 +185,20 @@ def test_saved_checkpoint_reloads_with_identical_logits(family_checkpoint, tmp_p
     weight_bytes = sum(t.numel() * t.element_size() for t in saved.values())
     float_bytes = sum(p.numel() * 2 for p in {id(p): p for p in streamed.parameters()}.values())
     assert weight_bytes < (0.65 if method == "int8" else 0.5) * float_bytes
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_stored_checkpoint_on_cuda_matches_cpu(family_checkpoint, tmp_path, method):
+    """Saved on the CPU, packed for CUDA's kernels at load: the same weights, so the same logits up to the two
+    devices' bf16 kernels (different accumulation orders; see the family test for the bound)."""
+    family, directory = family_checkpoint
+    cpu, _ = load_model(directory, dtype="bfloat16", quantization=method)
+    save_quantized(cpu, read_config_json(directory), tmp_path / "saved")
+    cuda, _ = load_model(tmp_path / "saved", dtype="bfloat16", device="cuda")
+    assert all(torch.equal(dequantized_weight(layer).cpu(), dequantized_weight(cpu.get_submodule(name)))
+               for name, layer in cuda.named_modules() if isinstance(layer, QuantizedLinear))
+    assert relative_rms(batch_logits(cuda).cpu(), batch_logits(cpu)) < 0.02, family
 
 
 def test_quantize_model_keeps_untied_embeddings_float(tmp_path):
