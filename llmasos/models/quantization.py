@@ -35,12 +35,13 @@ HEAD_METHOD = "int8"
 SCALE_DTYPE = torch.bfloat16
 INT8_IN_MULTIPLE = 16
 INT4_OUT_MULTIPLE = 16
-# Up to this many rows the int8 kernels run; above, the weight is converted and a float GEMM runs. torch's CPU int8
-# kernel is a matrix-vector product per row (its time grows linearly with rows; it beats bf16 F.linear at 1 row and
-# loses from about 8), and its CUDA kernel is one thread per output with no tiling.
+# Up to this many rows the int8 kernels run; above, the weight is converted (in blocks) for a float GEMM. torch's CPU
+# int8 kernel is a matrix-vector product per row (its time grows linearly with rows: 1.5x faster than bf16 F.linear
+# at 1 row, slower than converting from about 12), and its CUDA kernel is one thread per output with no tiling.
 CPU_INT8_MAX_KERNEL_ROWS = 12
 CUDA_INT8_MAX_KERNEL_ROWS = 16
 QUANTIZE_BLOCK_ELEMENTS = 1 << 24
+DEQUANTIZE_BLOCK_ELEMENTS = 1 << 21
 _CUDA_INT8_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CUDA")
 
 
@@ -193,7 +194,15 @@ class QuantizedLinear(nn.Module):
             if rows <= (CUDA_INT8_MAX_KERNEL_ROWS if cuda else CPU_INT8_MAX_KERNEL_ROWS) and (_CUDA_INT8_KERNEL
                                                                                                 or not cuda):
                 return torch._weight_int8pack_mm(x, self.packed, scales)
-            return F.linear(x, self.packed.to(compute)) * scales
+            if cuda:
+                return F.linear(x, self.packed.to(compute)) * scales
+            # Converted a block of output channels at a time: a cache-sized temporary instead of the whole weight
+            # (a fresh 272 MB bf16 copy of Qwen2-0.5B's head costs 3x its GEMM in page faults alone).
+            out = torch.empty(rows, self.packed.shape[0], dtype=compute, device=x.device)
+            block = max(1, DEQUANTIZE_BLOCK_ELEMENTS // self.packed.shape[1])
+            for start in range(0, self.packed.shape[0], block):
+                out[:, start:start + block] = F.linear(x, self.packed[start:start + block].to(compute))
+            return out.mul_(scales)
         x = x.to(torch.bfloat16).contiguous()
         if cuda:
             return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales)
@@ -297,9 +306,10 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, include_
     One layer at a time: each float weight is released as soon as its quantized form exists. A model must be on its
     device (and in its dtype) before, since packing is per device.
 
-    The head: int8 costs < 0.1% perplexity on the bundled model and halves the largest matmul of small models
-    (Qwen2-0.5B: 136M of 494M weights are the head). A head tied to the embeddings keeps them tied: the lookup reads
-    the int8 rows, so no float copy stays."""
+    The head is int8 whatever the method: on the bundled model an int8 head moves perplexity by < 0.01% where an
+    int4 one adds 0.2-0.25% (on CPU an int4 head runs ~2x faster than int8 for one-token decode: see
+    benchmarks/quantized_matmul.py). A head tied to the embeddings keeps them tied: the lookup reads the int8 rows,
+    so no float copy of the table stays."""
     check_method(method, group_size)
     head = model.output_embeddings()
     tied = include_head and not isinstance(head, QuantizedLinear) and (

@@ -58,6 +58,18 @@ def test_layer_computes_x_times_its_dequantized_weight(method, group_size, out_f
     assert (out.float() - expected).abs().max() <= 0.01 * expected.abs().max()
 
 
+def test_int8_gemm_path_converts_the_weight_in_blocks(monkeypatch):
+    import llmasos.models.quantization as quantization
+
+    weight = torch.randn(100, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    layer = QuantizedLinear.from_float(weight, None, "int8")
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    whole = layer(x)
+    monkeypatch.setattr(quantization, "DEQUANTIZE_BLOCK_ELEMENTS", 64 * 7)  # 15 blocks, the last one short
+    blocked = layer(x)
+    assert torch.allclose(blocked.float(), whole.float(), atol=0.01 * whole.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("method, group_size", METHODS)
 def test_quantization_error_is_within_half_a_step(method, group_size):
     generator = torch.Generator().manual_seed(1)
