@@ -116,6 +116,7 @@ def show(name: str, as_json: bool, modelfile: bool) -> None:
         return
     data = details(row)
     data.update(_quantization_details(row, Path(data["path"])))
+    data["kv_cache_bytes_per_token"] = _kv_bytes_per_token(row, Path(data["path"]))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -134,6 +135,10 @@ def show(name: str, as_json: bool, modelfile: bool) -> None:
         lines.append(("quantized", f"{quantization['method']}{group} (output head int8)"))
     if data["weight_bytes"] is not None:
         lines.append(("weights", f"{human_size(data['weight_bytes'])} ({data['weight_bytes']:,} bytes of tensors)"))
+    per_token = data["kv_cache_bytes_per_token"]
+    if per_token:
+        full = f", {human_size(per_token * row.context_length)} at the full context" if row.context_length else ""
+        lines.append(("kv cache", f"{human_size(per_token)} per token{full}"))
     for key, value in lines:
         click.echo(f"{key:<12}{value}")
     if row.system:
@@ -202,6 +207,23 @@ def create(name: str, modelfile: Path) -> None:
 
     shown = method if method == "int8" else f"int4, group size {group_size}"
     click.echo(f"created {row.name} from {row.base_name}: weights quantized to {shown}, {human_size(row.size_bytes)}")
+
+
+def _kv_bytes_per_token(row, path: Path) -> int | None:
+    """KV-cache bytes one token takes when served (keys and values of every layer, in the activation dtype)."""
+    import torch
+
+    from llmasos.engine.kv_cache import bytes_per_block
+    from llmasos.errors import ModelLoadError
+    from llmasos.models.loader import read_config
+
+    try:
+        config = read_config(path)
+    except (ModelLoadError, ValueError, KeyError):
+        return None  # an encoder or seq2seq model, or a checkpoint we cannot read: no decoder KV cache to show
+    dtype = getattr(torch, str(row.dtype or "bfloat16").removeprefix("torch."), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
+    return bytes_per_block(config, 1, dtype)
 
 
 def _quantization_details(row, path: Path) -> dict:

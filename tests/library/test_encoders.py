@@ -16,7 +16,7 @@ def test_an_imported_minilm_embeds_by_name_like_sentence_transformers(cli, home)
     shown = json.loads(cli("show", "minilm", "--json").stdout)
     paths = {entry["path"] for entry in shown["files"]}
     assert {"modules.json", "1_Pooling/config.json", "model.safetensors"} <= paths
-    assert shown["family"] == "bert"
+    assert shown["family"] == "bert" and shown["kv_cache_bytes_per_token"] is None  # an encoder keeps no KV cache
     embed = pipeline("embeddings", model="minilm")
     ours = torch.tensor(embed(MINILM_TEXTS))
     expected = reference_embeddings(minilm_dir(), MINILM_TEXTS)

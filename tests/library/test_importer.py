@@ -59,8 +59,14 @@ def test_import_list_show(cli, home, checkpoint):
     assert os.path.dirname(data["path"]) == str(stored)
     assert data["effective_chat_template"] == (checkpoint / "chat_template.jinja").read_text()
     assert data["dtype"] == "float32"
+    config = json.loads((checkpoint / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    # keys and values, every layer, float32
+    assert data["kv_cache_bytes_per_token"] == 2 * config["num_hidden_layers"] * config["num_key_value_heads"] \
+        * head_dim * 4
     text = cli("show", "tiny:v1")
     assert text.exit_code == 0 and "model.safetensors" in text.stdout and "qwen2" in text.stdout
+    assert "per token" in text.stdout
 
 
 def test_library_name_loads_like_the_directory(cli, checkpoint):
