@@ -143,6 +143,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     variants = {}  # single-stream decode of other weight formats, against transformers' bf16 decode
     for label, options in (("bf16, plain F.linear", {"pack_weights": False}), ("int8", {"quantization": "int8"}),
+                           ("w8a8", {"quantization": "w8a8"}),
                            ("int4 g32", {"quantization": "int4", "quantization_group_size": 32}),
                            ("int4 g128", {"quantization": "int4", "quantization_group_size": 128})):
         if args.device == "cuda" and "pack_weights" in options:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from llmasos.sampling_params import SamplingParams
 
 ModelKind = Literal["decoder", "encoder", "seq2seq"]
-QUANTIZATION_METHODS = ("int8", "int4")
+QUANTIZATION_METHODS = ("int8", "int4", "w8a8")
 INT4_GROUP_SIZES = (32, 64, 128)
 # generation_config.json keys that become request defaults (vLLM's behaviour).
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

@@ -26,8 +26,9 @@ def _default_model() -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--kv-cache-memory", default=None, help="KV cache budget per model, e.g. 2GiB.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=int)
-@click.option("--quantization", type=click.Choice(["int8", "int4"]), default=None,
-              help="Weight-only quantization at load (int8 per channel, int4 group-wise).")
+@click.option("--quantization", type=click.Choice(["int8", "int4", "w8a8"]), default=None,
+              help="Quantize at load: weight-only int8 (per channel) or int4 (group-wise), or w8a8 (int8 weights "
+                   "and per-call int8 activations, fastest on CPU).")
 @click.option("--quantization-group-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="int4 group size (default 32).")
 @click.option("--num-threads", type=click.IntRange(min=1), default=None,

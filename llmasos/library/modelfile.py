@@ -4,7 +4,7 @@ Instructions (Ollama's syntax): FROM <library model>, SYSTEM <text>, PARAMETER <
 repeat), TEMPLATE <Jinja chat template>, ADAPTER <LoRA adapter directory>, LICENSE <text>. Values may be quoted with
 "..." or span lines inside triple quotes. Lines starting with # are comments.
 
-`PARAMETER quantization int8|int4` (and `PARAMETER quantization_group_size 32|64|128` for int4) is not a sampling
+`PARAMETER quantization int8|int4|w8a8` (and `PARAMETER quantization_group_size 32|64|128` for int4) is not a sampling
 default: the model is stored as a new, quantized checkpoint (llmasos.library.quantized)."""
 
 from __future__ import annotations

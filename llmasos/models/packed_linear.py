@@ -58,5 +58,6 @@ def pack_linear_layers(model: nn.Module) -> int:
 
 
 def packed_bytes(model: nn.Module) -> int:
-    """Bytes held in packed weights (not visible to model.parameters())."""
-    return sum(m.num_weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    """Bytes held in kernel-packed weights that model.parameters() and buffers do not show (oneDNN, fbgemm)."""
+    return sum(m.num_weight_bytes if isinstance(m, PackedLinear) else getattr(m, "num_opaque_bytes", 0)
+               for m in model.modules())

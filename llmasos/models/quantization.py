@@ -19,6 +19,7 @@ bits too); a head tied to the input embeddings then serves the embedding lookup 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,12 @@ from llmasos.models.gpt2 import Conv1D
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("int8", "int4")
+METHODS = ("int8", "int4", "w8a8")
+# w8a8 stores exactly what int8 stores (int8 weights, one scale per output channel); on CPU its layers also quantize
+# their activations per call (dynamic, per tensor) and run fbgemm's int8 x int8 GEMM — llama.cpp's Q8_0 does the same
+# — about 2x faster than bf16 for one-token decode, where torch's weight-only int8 kernel is not
+# (benchmarks/quantized_matmul.py). Elsewhere (CUDA) w8a8 layers run as int8.
+STORED_METHOD = {"w8a8": "int8"}
 GROUP_SIZES = (32, 64, 128)
 HEAD_METHOD = "int8"
 SCALE_DTYPE = torch.bfloat16
@@ -92,6 +98,7 @@ def quantize_weight(weight: torch.Tensor, method: str, group_size: int = 32) -> 
     against the rounded values, so the stored tensors are exactly what the kernels use. Works through the rows in
     blocks, so a large head never has more than ~16M float32 temporaries alive."""
     check_method(method, group_size)
+    method = STORED_METHOD.get(method, method)
     block = max(1, QUANTIZE_BLOCK_ELEMENTS // max(weight.shape[1], 1))
     parts = [_quantize_rows(rows, method, group_size) for rows in weight.detach().split(block)]
     if len(parts) == 1:
@@ -136,6 +143,21 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("packed", packed)  # int8 (out, padded_in), or the int4 kernel's layout
         self.register_buffer("scales", scales)  # int8 (out,); int4 scales_and_zeros (groups, padded_out, 2)
         self.register_buffer("bias", bias)
+        self.dynamic = None  # fbgemm's packed int8 weight, when activations are quantized too (w8a8 on CPU)
+        self.num_opaque_bytes = 0
+
+    def enable_dynamic_activations(self) -> bool:
+        """Run this int8 layer as w8a8 (activations quantized per call) where fbgemm's kernel exists; True if so."""
+        if self.method != "int8" or self.packed.device.type != "cpu" or not dynamic_int8_supported():
+            return False
+        with warnings.catch_warnings():  # the quantized-tensor constructors are deprecated but still the only way in
+            warnings.simplefilter("ignore")
+            weight = torch._make_per_channel_quantized_tensor(
+                self.packed[:, :self.in_features].contiguous(), self.scales.double(),
+                torch.zeros(self.out_features, dtype=torch.long), 0)
+            self.dynamic = torch.ops.quantized.linear_prepack(weight, None)
+        self.num_opaque_bytes = self.out_features * self.in_features
+        return True
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, method: str,
@@ -187,6 +209,9 @@ class QuantizedLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows, cuda = x.shape[0], x.device.type == "cuda"
+        if self.dynamic is not None:
+            return torch.ops.quantized.linear_dynamic(x[:, :self.in_features].float().contiguous(), self.dynamic,
+                                                      _REDUCE_RANGE)
         if self.method == "int8":
             compute = x.dtype if cuda else torch.bfloat16
             x = x.to(compute).contiguous()
@@ -311,6 +336,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, include_
     benchmarks/quantized_matmul.py). A head tied to the embeddings keeps them tied: the lookup reads the int8 rows,
     so no float copy of the table stays."""
     check_method(method, group_size)
+    layer_storage = STORED_METHOD.get(method, method)
     head = model.output_embeddings()
     tied = include_head and not isinstance(head, QuantizedLinear) and (
         float_weight(head) is model.input_embeddings().weight)
@@ -318,10 +344,36 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, include_
         module = model.get_submodule(path)
         if isinstance(module, QuantizedLinear):
             continue
-        layer_method = HEAD_METHOD if role == "head" else method
+        layer_method = HEAD_METHOD if role == "head" else layer_storage
         set_module(model, path, QuantizedLinear.from_float(float_weight(module), module.bias, layer_method, group_size))
     if tied:
         tie_quantized_embeddings(model)
+    if method == "w8a8":
+        use_dynamic_activations(model)
     model.quantization = {"method": method, "group_size": group_size}
     logger.debug("quantized %s to %s (group size %d)", type(model).__name__, method, group_size)
     return model
+
+
+def dynamic_int8_supported() -> bool:
+    engines = torch.backends.quantized.supported_engines
+    return "x86" in engines or "fbgemm" in engines
+
+
+def _cpu_has_vnni() -> bool:
+    """AVX-512 VNNI (or AVX-VNNI) accumulates u8 x s8 products in 32 bits; without it fbgemm's 16-bit path can
+    saturate, so activations must use 7 bits (reduce_range)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+_REDUCE_RANGE = not _cpu_has_vnni()
+
+
+def use_dynamic_activations(model: nn.Module) -> int:
+    """Switch every int8 QuantizedLinear of a model to w8a8 (see STORED_METHOD); returns how many switched."""
+    return sum(module.enable_dynamic_activations() for module in model.modules() if isinstance(module, QuantizedLinear))

@@ -29,6 +29,7 @@ from llmasos.models.quantization import (
     quantize_weight,
     set_module,
     tie_quantized_embeddings,
+    use_dynamic_activations,
 )
 
 QUANT_METHOD = "llmasos"
@@ -160,6 +161,8 @@ def load_quantized(cls, config, directory: Path, dtype, device, method: str, gro
         if model.get_submodule(head_path).method != HEAD_METHOD:
             raise ModelLoadError(f"{directory}: a tied output head must be stored {HEAD_METHOD}")
         tie_quantized_embeddings(model)
+    if method == "w8a8":
+        use_dynamic_activations(model)
     model.quantization = {"method": method, "group_size": group_size}
     model.eval()
     return model
