@@ -101,7 +101,8 @@ def test_adapter_is_merged_before_quantizing(cli, workdir, checkpoint):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("FROM tiny\nPARAMETER quantization int3\n", "line 2: PARAMETER quantization takes int8 or int4 or w8a8, got 'int3'"),
+    ("FROM tiny\nPARAMETER quantization int3\n",
+     "line 2: PARAMETER quantization takes int8 or int4 or w8a8, got 'int3'"),
     ("FROM tiny\nPARAMETER quantization int4\nPARAMETER quantization_group_size 48\n",
      "line 3: PARAMETER quantization_group_size takes 32, 64, 128, got '48'"),
     ("FROM tiny\nPARAMETER quantization_group_size 64\n", "applies to int4 quantization only"),
