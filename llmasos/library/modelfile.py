@@ -196,13 +196,18 @@ def create_model(name: str, modelfile_text: str, relative_to: Path | None = None
         return _create_locked(name, modelfile, relative_to)
 
 
-def _create_locked(name: str, modelfile: Modelfile, relative_to: Path | None) -> LibraryModel:
-    base = require_model(modelfile.base)
+def check_new_derived(name: str, modelfile: Modelfile, base: LibraryModel) -> None:
+    """What any derived model needs: a free name, and at most one LoRA adapter in its line."""
     if get_model(name) is not None:
         raise LibraryError(f"a model named {name!r} already exists: remove it first (`llmasos rm {name}`) or choose "
                            "another name")
     if modelfile.adapter is not None and base.adapter is not None:
         raise LibraryError(f"{base.name!r} already has a LoRA adapter; create FROM the model it was derived from")
+
+
+def _create_locked(name: str, modelfile: Modelfile, relative_to: Path | None) -> LibraryModel:
+    base = require_model(modelfile.base)
+    check_new_derived(name, modelfile, base)
     if modelfile.adapter is not None:
         from llmasos.library.quantized import checkpoint_quantization
 

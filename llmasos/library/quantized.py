@@ -62,12 +62,10 @@ def create_quantized(name: str, modelfile, relative_to: Path) -> LibraryModel:
     parameters = dict(modelfile.parameters)
     method = parameters.pop("quantization")
     group_size = parameters.pop("quantization_group_size", 32)
+    from llmasos.library.modelfile import check_new_derived
+
     base = require_model(modelfile.base)
-    if get_model(name) is not None:
-        raise LibraryError(f"a model named {name!r} already exists: remove it first (`llmasos rm {name}`) or choose "
-                           "another name")
-    if modelfile.adapter is not None and base.adapter is not None:
-        raise LibraryError(f"{base.name!r} already has a LoRA adapter; create FROM the model it was derived from")
+    check_new_derived(name, modelfile, base)
     base_directory = store.checkpoint_path(base.directory)
     config_json = _float_decoder_config(base, base_directory)
     adapters = [store.checkpoint_path(base.adapter)] if base.adapter else []
