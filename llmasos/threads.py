@@ -1,8 +1,9 @@
 """How many intra-op threads torch should use: the cores that other processes leave idle, measured, not assumed.
 
-An OpenMP team waits at every barrier for its slowest thread, so one thread the OS descheduled for a neighbour
-stalls each parallel region for a scheduler timeslice: on a loaded machine full-width teams run tens of times
-slower, not proportionally slower. `ThreadGovernor` keeps the team no wider than the cores nobody else is using."""
+An OpenMP team waits at every barrier for its slowest thread (libgomp spins first, then sleeps), so one thread the
+OS descheduled for a busy neighbour stalls each parallel region for a scheduler timeslice: on a loaded machine
+full-width teams run 5-100x slower, not proportionally slower. `ThreadGovernor` keeps the team no wider than the
+cores nobody else is using (benchmarks/busy_neighbours.py measures both)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import sys
 import time
 
-# torch is imported where it is used: `prepare_openmp_env` must be callable before anything loads libgomp.
+# torch is imported where it is used, so that importing this module stays cheap.
 
 # A neighbour using more than this much of a core costs us that core: a thread that shares a core with a busy
 # neighbour stalls its whole team every time it is descheduled, so partial use counts as full use.
@@ -230,25 +231,13 @@ class ThreadGovernor:
         return True
 
 
-# libgomp's default wait (spin ~300k iterations at a barrier, then sleep) is what turns a busy neighbour into a
-# 50x slowdown: a spinning thread burns its share and then waits behind the neighbour for a whole timeslice, while a
-# thread that sleeps at once is woken and run promptly. PASSIVE (sleep at once) costs nothing measurable when idle.
-OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-_USER_OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
 def engine_process_env() -> dict[str, str]:
-    """Environment variables for an engine subprocess we spawn (libgomp reads them once, when torch loads it); empty
-    when the user chose a wait policy or spin count themselves."""
-    if any(name in os.environ for name in _USER_OPENMP_VARIABLES):
-        return {}
-    return dict(OPENMP_ENV)
+    """Environment variables for an engine subprocess we spawn (libgomp reads them once, when torch loads it).
 
-
-def prepare_openmp_env() -> bool:
-    """Put `engine_process_env()` into this process's own environment, for entry points that run before anything
-    imports torch. False (and nothing changed) once torch is imported: libgomp has read its settings by then."""
-    if "torch" in sys.modules:
-        return False
-    os.environ.update(engine_process_env())
-    return True
+    Empty, by measurement (benchmarks/busy_neighbours.py --wait-policy, 2 cores): OMP_WAIT_POLICY=PASSIVE does
+    cure the 50x slowdown next to busy processes (a thread that sleeps at a barrier at once is woken and run
+    promptly; one that spins first burns its share and then waits a whole timeslice), but it taxes every idle step
+    with a futex wake: 2.2x slower decode on the bundled model, ~1.15x on a Qwen2-0.5B shape. Smaller
+    GOMP_SPINCOUNTs keep idle speed but stay 3-20x slow under load. ThreadGovernor removes the slowdown without
+    the idle tax, so the engine process should run it between steps rather than change libgomp's waiting."""
+    return {}
