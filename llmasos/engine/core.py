@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 
 import psutil
@@ -112,6 +113,7 @@ class EngineCore:
         self._process = psutil.Process()
         self._rss = (0.0, 0)
         self.governor = None
+        self._stepping_thread: int | None = None
         if device.type == "cpu":  # as many torch threads as there are idle cores, re-checked between steps
             from llmasos.threads import ThreadGovernor
 
@@ -172,6 +174,9 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """One scheduling step: every scheduled request advances; returns what each reported request produced."""
         if self.governor is not None:
+            if self._stepping_thread != threading.get_ident():  # torch's thread count is a per-thread setting
+                self._stepping_thread = threading.get_ident()
+                torch.set_num_threads(self.governor.num_threads)
             self.governor.maybe_adjust()
         touched: dict[str, Request] = {r.request_id: r for r in self._finished_unreported}
         self._finished_unreported.clear()
