@@ -63,7 +63,8 @@ import sys
 import time
 from pathlib import Path
 
-PAIRS = [("bf16", None, "bf16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0")]  # ours, quantization=, GGUF
+# ours, quantization=, GGUF. w8a8 quantizes activations to int8 per call, as Q8_0's matmuls do: the like-for-like row.
+PAIRS = [("bf16", None, "bf16"), ("int8", "int8", "Q8_0"), ("w8a8", "w8a8", "Q8_0"), ("int4", "int4", "Q4_0")]
 
 
 def run_llama_bench(binary: str, gguf: str, threads: int, prompt: int, gen: int, repetitions: int) -> dict:
@@ -135,10 +136,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (pp)")
     parser.add_argument("--gen", type=int, default=64, help="generated tokens (tg)")
     parser.add_argument("--repetitions", type=int, default=3)
-    parser.add_argument("--only", default="bf16,int8,int4", help="which rows: a subset of bf16,int8,int4")
+    parser.add_argument("--only", default="bf16,int8,w8a8,int4", help="which rows: a subset of bf16,int8,w8a8,int4")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    ggufs = {"bf16": args.gguf_bf16, "int8": args.gguf_q8, "int4": args.gguf_q4}
+    ggufs = {"bf16": args.gguf_bf16, "int8": args.gguf_q8, "w8a8": args.gguf_q8, "int4": args.gguf_q4}
     wanted = set(args.only.split(","))
     load_before = os.getloadavg()
 
