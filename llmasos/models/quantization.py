@@ -159,6 +159,12 @@ class QuantizedLinear(nn.Module):
         self.num_opaque_bytes = self.out_features * self.in_features
         return True
 
+    def release_int8_copy(self) -> None:
+        """Drop the int8 weight a w8a8 layer keeps beside fbgemm's packed one (quantized_tensors reads it back from
+        fbgemm); a head whose rows an embedding reads keeps it."""
+        if self.dynamic is not None and self.packed.numel():
+            self.packed = torch.empty(0, dtype=torch.int8)
+
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, method: str,
                    group_size: int = 32) -> QuantizedLinear:
@@ -235,6 +241,9 @@ class QuantizedLinear(nn.Module):
 
     def quantized_tensors(self) -> QuantizedTensors:
         """This layer's weight in the stored, device-independent layout (on its device)."""
+        if self.method == "int8" and self.dynamic is not None and not self.packed.numel():
+            weight = torch.ops.quantized.linear_unpack(self.dynamic)[0]
+            return QuantizedTensors("int8", weight.int_repr().contiguous(), self.scales)
         if self.method == "int8":
             return QuantizedTensors("int8", self.packed[:, :self.in_features].contiguous(), self.scales)
         q = self._unpack_int4()[:self.out_features]
@@ -375,5 +384,13 @@ _REDUCE_RANGE = not _cpu_has_vnni()
 
 
 def use_dynamic_activations(model: nn.Module) -> int:
-    """Switch every int8 QuantizedLinear of a model to w8a8 (see STORED_METHOD); returns how many switched."""
-    return sum(module.enable_dynamic_activations() for module in model.modules() if isinstance(module, QuantizedLinear))
+    """Switch every int8 QuantizedLinear of a model to w8a8 (see STORED_METHOD); returns how many switched. Their
+    int8 copies are released, except a head's that a tied embedding reads."""
+    shared = {id(m.packed) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.enable_dynamic_activations():
+            switched += 1
+            if id(module.packed) not in shared:
+                module.release_int8_copy()
+    return switched
