@@ -147,3 +147,25 @@ def test_stale_window_is_not_used(monkeypatch):
 def test_engine_process_env():
     env = engine_process_env()
     assert all(isinstance(key, str) and isinstance(value, str) for key, value in env.items())
+
+
+def test_a_companion_process_counts_as_our_own_work():
+    """An engine process counts its server's CPU time as its own: a busy server is not a neighbour to give way to."""
+    from llmasos import threads
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 8\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        start = threads.CpuSample.take()
+        time.sleep(0.5)
+        before = threads.CpuSample.take().busy_elsewhere_since(start)
+        threads.count_as_own(busy.pid)
+        start = threads.CpuSample.take()
+        time.sleep(0.5)
+        after = threads.CpuSample.take().busy_elsewhere_since(start)
+    finally:
+        busy.kill()
+        busy.wait()
+        threads._companions.discard(busy.pid)
+    assert before > 0.6  # the busy loop is seen as a neighbour using most of a core ...
+    assert after < before - 0.5  # ... until it counts as our own

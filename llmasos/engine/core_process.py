@@ -63,7 +63,9 @@ def serve(spec: ModelSpec, input_address: str, output_address: str, parent_pid: 
     outputs.connect(output_address)
     try:
         from llmasos.engine.core import EngineCore
+        from llmasos.threads import count_as_own
 
+        count_as_own(parent_pid)  # the server's work is part of ours, not a neighbour's (llmasos.threads)
         core = EngineCore.from_spec(spec)
     except Exception as exc:  # noqa: BLE001 - the front end shows the reason, the process ends
         outputs.send(output_encoder.encode(EngineFailed(f"could not load {spec.name}: {exc}")))
