@@ -33,6 +33,7 @@ async def run_load(base: str, model: str, streams: int, max_tokens: int) -> list
 
         async def stream() -> None:
             async with client.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
                 async for _ in response.aiter_lines():
                     pass
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="shakespeare:tiny")
     parser.add_argument("--streams", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=240, help="per stream (the bundled model's context: 256)")
     parser.add_argument("--engine-in-process", action="store_true")
     args = parser.parse_args()
     from llmasos.server.serving import free_port
