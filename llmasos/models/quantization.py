@@ -150,12 +150,16 @@ class QuantizedLinear(nn.Module):
         """Run this int8 layer as w8a8 (activations quantized per call) where fbgemm's kernel exists; True if so."""
         if self.method != "int8" or self.packed.device.type != "cpu" or not dynamic_int8_supported():
             return False
-        with warnings.catch_warnings():  # the quantized-tensor constructors are deprecated but still the only way in
-            warnings.simplefilter("ignore")
-            weight = torch._make_per_channel_quantized_tensor(
-                self.packed[:, :self.in_features].contiguous(), self.scales.double(),
-                torch.zeros(self.out_features, dtype=torch.long), 0)
-            self.dynamic = torch.ops.quantized.linear_prepack(weight, None)
+        try:
+            with warnings.catch_warnings():  # the quantized-tensor constructors are deprecated, still the only way in
+                warnings.simplefilter("ignore")
+                weight = torch._make_per_channel_quantized_tensor(
+                    self.packed[:, :self.in_features].contiguous(), self.scales.double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                self.dynamic = torch.ops.quantized.linear_prepack(weight, None)
+        except (AttributeError, RuntimeError) as exc:  # a torch without them: run as weight-only int8
+            logger.warning("w8a8 is not available in this torch (%s); running int8 weight-only", exc)
+            return False
         self.num_opaque_bytes = self.out_features * self.in_features
         return True
 
