@@ -98,7 +98,16 @@ class MPClient:
         os.set_blocking(self._wake_read, False)
         self._stats = EngineStats()
         self._closed = False
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._close_wake_pipe()
+            raise
+
+    def _close_wake_pipe(self) -> None:
+        self._closed = True
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -157,15 +166,13 @@ class MPClient:
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
-        self._closed = True
         try:
             with self._send_lock:
                 self._input.send(input_encoder.encode(Shutdown()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self._stop_process(kill=False, timeout=timeout)
-        for fd in (self._wake_read, self._wake_write):
-            os.close(fd)
+        self._close_wake_pipe()
 
     def _stop_process(self, kill: bool, timeout: float = 5.0) -> None:
         process = getattr(self, "process", None)
@@ -210,6 +217,8 @@ class MPClient:
 
     def wake(self) -> None:
         """Make a get_outputs that is waiting return now (the caller has requests to hand over)."""
+        if self._closed:  # its descriptors may already belong to another file
+            return
         try:
             os.write(self._wake_write, b"x")
         except (BlockingIOError, OSError):
