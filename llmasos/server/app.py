@@ -128,7 +128,10 @@ def served_model(state: ServerState, model_id: str, key: KeyInfo | None, task: s
 
 def create_app(models: dict[str, ServedModel], settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    app = FastAPI(title="LLMasOS", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="LLMasOS", docs_url=None, redoc_url=None, openapi_url="/openapi.json")  # behind AuthMiddleware
+    from llmasos.server.openapi import install_openapi
+
+    install_openapi(app)
     state = ServerState(models=models, settings=settings)
     app.state.llmasos = state
 
