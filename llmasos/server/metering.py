@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ class PriceTable:
 class _KeyState:
     requests: deque = field(default_factory=deque)  # admission times
     tokens: deque = field(default_factory=deque)  # (time, tokens)
-    in_flight: int = 0
+    in_flight: int = 0  # sequences (prompts x n) admitted and not yet released
     reserved: int = 0  # tokens promised to in-flight requests, so parallel requests cannot overrun the quota
 
 
@@ -66,6 +67,7 @@ class Admission:
     max_completion_tokens: int | None  # what the quota still allows, None = unlimited
     reserved: int = 0
     released: bool = False
+    sequences: int = 1
 
 
 class Limiter:
@@ -74,6 +76,7 @@ class Limiter:
 
     def __init__(self) -> None:
         self._keys: dict[str, _KeyState] = {}
+        self._lock = threading.Lock()  # admit runs in a worker thread (its quota check reads the database)
 
     def _state(self, name: str) -> _KeyState:
         state = self._keys.setdefault(name, _KeyState())
@@ -87,6 +90,10 @@ class Limiter:
     def headers(self, key: KeyInfo | None) -> dict[str, str]:
         if key is None:
             return {}
+        with self._lock:
+            return self._headers(key)
+
+    def _headers(self, key: KeyInfo) -> dict[str, str]:
         state = self._state(key.name)
         now = time.monotonic()
         out: dict[str, str] = {}
@@ -108,13 +115,21 @@ class Limiter:
 
     def _reject(self, key: KeyInfo, message: str, retry_after: float, code: str = "rate_limit_exceeded",
                 type: str = "rate_limit_error", extra: dict[str, str] | None = None) -> APIError:
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **self.headers(key), **(extra or {})}
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **self._headers(key), **(extra or {})}
         return APIError(429, message, type=type, code=code, headers=headers)
 
-    def admit(self, key: KeyInfo | None, prompt_tokens: int, max_tokens: int) -> Admission:
-        """Admit a request or raise a 429 APIError. Caps generation at what the key's quota still allows."""
+    def admit(self, key: KeyInfo | None, prompt_tokens: int, max_tokens: int, sequences: int = 1,
+              max_sequences_per_key: int | None = None) -> Admission:
+        """Admit a request of `sequences` sequences (prompts x n) or raise a 429 APIError. rpm counts requests;
+        concurrency and the key's fair share (`max_sequences_per_key`) count sequences. Caps generation at what the
+        key's quota still allows. Thread-safe; blocking (the quota is read from the database)."""
         if key is None:
-            return Admission(None, None)
+            return Admission(None, None, sequences=sequences)
+        with self._lock:
+            return self._admit(key, prompt_tokens, max_tokens, sequences, max_sequences_per_key)
+
+    def _admit(self, key: KeyInfo, prompt_tokens: int, max_tokens: int, sequences: int,
+               max_sequences_per_key: int | None) -> Admission:
         state = self._state(key.name)
         now = time.monotonic()
         if key.rpm and len(state.requests) >= key.rpm:
@@ -125,8 +140,15 @@ class Limiter:
             if used + prompt_tokens > key.tpm:
                 wait = state.tokens[0][0] + WINDOW_SECONDS - now if state.tokens else WINDOW_SECONDS
                 raise self._reject(key, f"rate limit reached: {key.tpm} tokens per minute for key {key.name!r}", wait)
-        if key.max_concurrency and state.in_flight >= key.max_concurrency:
-            raise self._reject(key, f"too many concurrent requests: key {key.name!r} allows {key.max_concurrency}", 1)
+        if key.max_concurrency and state.in_flight + sequences > key.max_concurrency:
+            if sequences > key.max_concurrency:
+                raise APIError(400, f"the request asks for {sequences} sequences (prompts x n) but key {key.name!r} "
+                               f"allows {key.max_concurrency} at once; split it", param="n")
+            raise self._reject(key, f"too many concurrent requests: key {key.name!r} allows {key.max_concurrency} "
+                               f"sequences at once ({state.in_flight} running)", 1)
+        if max_sequences_per_key and state.in_flight + sequences > max_sequences_per_key:
+            raise self._reject(key, f"key {key.name!r} already holds {state.in_flight} sequences, its fair share of "
+                               f"this server ({max_sequences_per_key}); retry when some finish", 1)
         allowed: int | None = None
         reserve = 0
         if key.token_quota is not None:
@@ -140,16 +162,17 @@ class Limiter:
             allowed = remaining - prompt_tokens
             reserve = prompt_tokens + min(max_tokens, allowed)
         state.requests.append(now)
-        state.in_flight += 1
+        state.in_flight += sequences
         state.reserved += reserve
-        return Admission(key, allowed, reserve)
+        return Admission(key, allowed, reserve, sequences=sequences)
 
     def release(self, admission: Admission, total_tokens: int) -> None:
         if admission.key is None or admission.released:
             return
         admission.released = True
-        state = self._state(admission.key.name)
-        state.in_flight -= 1
-        state.reserved -= admission.reserved
-        if total_tokens:
-            state.tokens.append((time.monotonic(), total_tokens))
+        with self._lock:
+            state = self._state(admission.key.name)
+            state.in_flight -= admission.sequences
+            state.reserved -= admission.reserved
+            if total_tokens:
+                state.tokens.append((time.monotonic(), total_tokens))

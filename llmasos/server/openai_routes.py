@@ -9,6 +9,7 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from llmasos.engine.validation import ContextLengthError, PromptError, check_token_ids, validate_prompt
 from llmasos.errors import TemplateError
@@ -29,6 +30,7 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in metrics, nev
 def _sampling(served: ServedModel, body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """The request's fields over the model's defaults, merged by the one rule (ModelSpec.sampling_params)."""
     min_tokens = body.min_tokens if body.min_tokens is not None else served.spec.sampling_defaults().get("min_tokens")
+    _check_logit_bias(served, body.logit_bias)
     try:
         return served.spec.sampling_params(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -39,6 +41,24 @@ def _sampling(served: ServedModel, body: SamplingFields, max_tokens: int, logpro
             logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
+
+
+MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI accepts up to 300; each entry costs work in every step of the request
+
+
+def _check_logit_bias(served: ServedModel, logit_bias: dict[str, float] | None) -> None:
+    """Up front: a bounded number of entries, each a token id of this model's vocabulary."""
+    if not logit_bias:
+        return
+    if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise APIError(400, f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
+                       param="logit_bias")
+    vocab = served.llm.engine.info.vocab_size
+    for key in logit_bias:
+        if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab):
+            shown = key if len(key) <= 20 else key[:20] + "..."
+            raise APIError(400, f"logit_bias key {shown!r} is not a token id of this model (0..{vocab - 1})",
+                           param="logit_bias")
 
 
 def _check_prompts(served: ServedModel, prompts: list[list[int]], max_tokens: int, param: str) -> None:
@@ -63,19 +83,49 @@ def _check_engine(served: ServedModel) -> None:
                        "shortly", type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
 
 
-def _admit(state: ServerState, served: ServedModel, request: Request, prompts: list[list[int]], max_tokens: int,
-           n: int) -> tuple[Admission, int]:
-    """Limits and the queue: returns the admission and max_tokens capped by the key's remaining quota."""
+async def _admit(state: ServerState, served: ServedModel, request: Request, prompts: list[list[int]],
+                 max_tokens: int, n: int) -> tuple[Admission, int]:
+    """Limits and the queue: returns the admission and max_tokens capped by the key's remaining quota.
+
+    Every sequence (prompts x n) counts against the queue, the key's concurrency and its fair share of the server;
+    rpm counts requests (OpenAI's rule). A request that could never fit is a 400, one that cannot fit now a 429/503
+    with Retry-After, so no single request can starve the others."""
+    settings = state.settings
+    sequences = len(prompts) * n
+    if len(prompts) > settings.max_prompts_per_request:
+        raise APIError(400, f"{len(prompts)} prompts in one request; at most {settings.max_prompts_per_request} are "
+                       "allowed", param="prompt")
+    if sequences > min(settings.max_sequences_per_request, settings.max_queue):
+        raise APIError(400, f"the request asks for {sequences} sequences ({len(prompts)} prompts x n={n}); at most "
+                       f"{min(settings.max_sequences_per_request, settings.max_queue)} are allowed per request",
+                       param="n")
     stats = served.llm.metrics()  # as the engine last reported them: never waits for a step
     # Queued in the scheduler, or accepted by AsyncLLM but not yet handed to the engine (a lower bound when n > 1).
     waiting = max(stats["num_waiting"], served.async_llm.num_in_flight - stats["num_running"])
-    if waiting >= state.settings.max_queue:
-        raise APIError(503, f"the server is overloaded ({waiting} requests waiting); retry shortly",
-                       type="server_error", code="overloaded", headers={"Retry-After": "1"})
-    admission = state.limiter.admit(request.state.key, sum(len(p) for p in prompts), max_tokens * n * len(prompts))
+    if waiting + sequences > settings.max_queue:
+        raise APIError(503, f"the server is overloaded ({waiting} sequences waiting, this request adds {sequences}); "
+                       "retry shortly", type="server_error", code="overloaded", headers={"Retry-After": "1"})
+    admission = await run_in_threadpool(state.limiter.admit, request.state.key, sum(len(p) for p in prompts),
+                                        max_tokens * sequences, sequences, settings.max_sequences_per_key)
     if admission.max_completion_tokens is not None:
-        max_tokens = min(max_tokens, admission.max_completion_tokens // (n * len(prompts)))
+        max_tokens = min(max_tokens, admission.max_completion_tokens // sequences)
     return admission, max_tokens
+
+
+CHARS_PER_TOKEN_BOUND = 64  # no tokenizer we load makes tokens this long: text beyond this cannot fit the context
+
+
+def _check_prompt_size(served: ServedModel, prompt) -> None:
+    """Before tokenizing: text far longer than the context could ever be is refused at once (a 4 MB prompt would
+    otherwise cost seconds of tokenizer time to learn that)."""
+    texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)] \
+        if isinstance(prompt, list) else []
+    limit = served.max_model_len * CHARS_PER_TOKEN_BOUND
+    for text in texts:
+        if len(text) > limit:
+            raise APIError(400, f"This model's maximum context length is {served.max_model_len} tokens; a prompt of "
+                           f"{len(text)} characters cannot fit. Please reduce the prompt.", param="prompt",
+                           code="context_length_exceeded")
 
 
 def _normalize_prompts(served: ServedModel, prompt) -> tuple[list[list[int]], list[str]]:
@@ -143,14 +193,15 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
-    prompts, prompt_texts = _normalize_prompts(served, body.prompt)
+    _check_prompt_size(served, body.prompt)
+    prompts, prompt_texts = await run_in_threadpool(_normalize_prompts, served, body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and body.stream:
         raise APIError(400, "max_tokens=0 cannot be streamed", param="max_tokens")
     _check_prompts(served, prompts, max_tokens, "prompt")
     params = _sampling(served, body, max_tokens, body.logprobs)
     _check_engine(served)
-    admission, max_tokens = _admit(state, served, request, prompts, max_tokens, body.n)
+    admission, max_tokens = await _admit(state, served, request, prompts, max_tokens, body.n)
     params.max_tokens = max_tokens
     scores_prompt = body.echo and body.logprobs is not None
     if scores_prompt:  # the prompt's logprobs come from the engine's own prefill of it, under its token budget
@@ -183,7 +234,7 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
                              "model": served.id, "choices": choices, "usage": job.usage()}, headers=headers)
     finally:
         if not handed_to_stream:
-            job.account()
+            await job.finish()
 
 
 async def _stream_completions(job: Job, body: CompletionRequest, created: int, prompt_texts):
@@ -195,9 +246,13 @@ async def _stream_completions(job: Job, body: CompletionRequest, created: int, p
     scores_prompt = job.params.prompt_logprobs is not None
     echoed: set[int] = set() if body.echo else set(range(len(job.prompts)))
     held: dict[int, list] = {}  # deltas of a prompt whose scores have not arrived yet
+    offsets: dict[int, int] = {}  # per choice: text_offset of its next token, continuous across chunks
 
     def echo(p: int, entries) -> list[tuple[str, int]]:
         logprobs = completion_logprobs(tokenizer, job.prompts[p], entries) if entries is not None else None
+        if logprobs is not None:
+            for i in range(n):
+                offsets[p * n + i] = _end_offset(logprobs)
         return [(chunk({"index": p * n + i, "text": prompt_texts[p], "logprobs": logprobs, "finish_reason": None}),
                  0) for i in range(n)]
 
@@ -220,13 +275,23 @@ async def _stream_completions(job: Job, body: CompletionRequest, created: int, p
                     if not out.text and not out.token_ids and out.finish_reason is None:
                         continue
                     logprobs = None
+                    choice = index * n + out.index
                     if body.logprobs is not None:
-                        logprobs = completion_logprobs(tokenizer, out.token_ids, out.logprobs or [])
-                    yield chunk({"index": index * n + out.index, "text": out.text, "logprobs": logprobs,
+                        logprobs = completion_logprobs(tokenizer, out.token_ids, out.logprobs or [],
+                                                       offsets.get(choice, 0))
+                        offsets[choice] = _end_offset(logprobs, offsets.get(choice, 0))
+                    yield chunk({"index": choice, "text": out.text, "logprobs": logprobs,
                                  "finish_reason": out.finish_reason}), len(out.token_ids)
     if body.stream_options and body.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": job.usage()}), 0
     yield sse("[DONE]"), 0
+
+
+def _end_offset(logprobs: dict, start: int = 0) -> int:
+    """The text_offset after the last token of a completions-logprobs block."""
+    if not logprobs["tokens"]:
+        return start
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
 
 
 def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
@@ -254,7 +319,8 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
 async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest):
     served = served_model(state, body.model, request.state.key, task="generate")
     tokenizer = served.llm.tokenizer
-    prompt = _render_chat(served, body)
+    _check_prompt_size(served, [m.text() for m in body.messages])
+    prompt = await run_in_threadpool(_render_chat, served, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested is None:  # as much as the context and the whole KV cache leave room for
         info = served.llm.engine.info
@@ -264,7 +330,7 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(served, body, requested, top)
     _check_engine(served)
-    admission, max_tokens = _admit(state, served, request, [prompt], requested, body.n)
+    admission, max_tokens = await _admit(state, served, request, [prompt], requested, body.n)
     params.max_tokens = max_tokens
     job = Job(state, served, "chat.completions", f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, admission)
     created = int(time.time())
@@ -283,7 +349,7 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
         return JSONResponse({"id": job.request_id, "object": "chat.completion", "created": created,
                              "model": served.id, "choices": choices, "usage": job.usage()}, headers=headers)
     finally:
-        job.account()
+        await job.finish()
 
 
 async def _stream_chat(job: Job, body: ChatCompletionRequest, created: int):

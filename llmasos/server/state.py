@@ -17,10 +17,28 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 4 << 20
-    max_queue: int = 512  # waiting requests per model before 503
+    max_queue: int = 512  # waiting sequences per model before 503
+    max_prompts_per_request: int = 128  # prompts in one completions request
+    max_sequences_per_request: int = 256  # prompts x n in one request
+    max_sequences_per_key: int | None = 256  # a key's fair share: sequences it may hold at once (None: no cap)
     shutdown_timeout: float = 30.0
     allow_unauthenticated: bool = False
     price_table: PriceTable = field(default_factory=PriceTable)
+    allowed_hosts: tuple[str, ...] = ()  # Host names a keyless server answers besides loopback ones; "*": any
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); "*": any
+    timeout_keep_alive: float = 5.0  # seconds an idle connection is kept between requests
+    header_timeout: float = 10.0  # seconds from a request's first byte (or the connection) to its last header
+    body_timeout: float = 60.0  # seconds from the last header to the last byte of the body
+    max_connections_per_client: int = 64  # open connections per client address; 0: no cap
+
+    def __post_init__(self) -> None:
+        self.allowed_hosts, self.cors_origins = tuple(self.allowed_hosts), tuple(self.cors_origins)
+        for name in ("timeout_keep_alive", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
+        if self.max_connections_per_client < 0:
+            raise ValueError("max_connections_per_client must be 0 (no cap) or more, not "
+                             f"{self.max_connections_per_client}")
 
 
 @dataclass

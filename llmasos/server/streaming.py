@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from llmasos.sampling_params import SamplingParams
@@ -68,6 +69,11 @@ class Job:
             self.state.limiter.release(self.admission, self.prompt_tokens + self.completion_tokens)
             metrics.prompt_tokens.labels(model_id).inc(self.prompt_tokens)
             metrics.generation_tokens.labels(model_id).inc(self.completion_tokens)
+
+    async def finish(self) -> None:
+        """`account` off the event loop (it writes a database row)."""
+        if not self.accounted:
+            await run_in_threadpool(self.account)
 
     async def run(self) -> AsyncIterator[tuple[int, object]]:
         """Deltas of every prompt's request, as (prompt index, RequestOutput), interleaved as they come. Closing
@@ -189,7 +195,7 @@ class MeteredStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.events.aclose()
-            self.job.account()
+                await self.job.finish()
 
     async def _send_events(self, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
