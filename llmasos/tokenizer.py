@@ -7,6 +7,8 @@ Also renders chat templates (see `chat_template.py`) and streams generated ids b
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,7 @@ class Tokenizer:
         chat_templates: Mapping[str, str] | None = None,
     ) -> None:
         self._backend = backend
+        self._literal_backend: tokenizers.Tokenizer | None = None  # special-token text as plain text
         self._config = dict(config or {})
         self.chat_templates: dict[str, str] = dict(chat_templates or {})
         config = self._config
@@ -262,13 +265,20 @@ class Tokenizer:
         tools: list[dict[str, Any]] | None = None,
         documents: list[dict[str, Any]] | None = None,
         continue_final_message: bool | str = False,
+        special_tokens_in_content: bool = True,
         **kwargs: Any,
     ) -> list[int] | str:
         """Render `messages` with the chat template; return the text, or its ids (no extra BOS: the template has it).
 
-        `chat_template` is a template name or a full template; extra `kwargs` become template variables.
+        `chat_template` is a template name or a full template; extra `kwargs` become template variables. With
+        `special_tokens_in_content=False` (what the server does), special-token text inside message content is
+        encoded as plain text, so a user cannot type another role's control tokens; the template's own stay special.
+        transformers' behaviour (and the default here) parses them everywhere.
         """
         template = select_chat_template(self.chat_templates, chat_template, tools)
+        literals: dict[str, str] = {}
+        if tokenize and not special_tokens_in_content:
+            messages = [self._escape_specials(message, literals) for message in messages]
         text = render_chat_template(
             template,
             messages,
@@ -279,7 +289,51 @@ class Tokenizer:
             special_tokens=self.special_tokens,
             **kwargs,
         )
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize:
+            return text
+        return self._encode_with_literals(text, literals) if literals else self.encode(text, add_special_tokens=False)
+
+    def _escape_specials(self, message: Any, literals: dict[str, str]) -> Any:
+        """A copy of `message` whose content has each special token's text replaced by a unique placeholder."""
+        if not isinstance(message, dict):
+            return message
+        specials = [token.content for token in self._backend.get_added_tokens_decoder().values()
+                    if token.special and token.content]
+
+        def escape(text: str) -> str:
+            for special in specials:
+                if special in text:
+                    marker = f"\ue000{secrets.token_hex(8)}\ue001"
+                    literals[marker] = special
+                    text = text.replace(special, marker)
+            return text
+
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": escape(content)}
+        if isinstance(content, list):
+            parts = [{**part, "text": escape(part["text"])} if isinstance(part, dict) and isinstance(
+                part.get("text"), str) else part for part in content]
+            return {**message, "content": parts}
+        return message
+
+    def _encode_with_literals(self, text: str, literals: dict[str, str]) -> list[int]:
+        """Encode rendered text whose placeholders stand for special-token text typed by a user: that text is
+        encoded as ordinary text (a second backend with special-token matching off), the rest as usual."""
+        if self._literal_backend is None:
+            literal = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        pattern = "(" + "|".join(re.escape(marker) for marker in literals) + ")"
+        ids: list[int] = []
+        for piece in re.split(pattern, text):
+            if not piece:
+                continue
+            if piece in literals:
+                ids.extend(self._literal_backend.encode(literals[piece], add_special_tokens=False).ids)
+            else:
+                ids.extend(self._backend.encode(piece, add_special_tokens=False).ids)
+        return ids
 
     def incremental_detokenizer(
         self, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True

@@ -23,7 +23,7 @@ from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream
 
 # Arguments of apply_chat_template that the request sets through its own fields, never through chat_template_kwargs.
 _RESERVED_TEMPLATE_ARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template", "special_tokens",
-                           "conversation", "return_dict"}
+                           "special_tokens_in_content", "conversation", "return_dict"}
 CLIENT_CLOSED = 499  # nginx's "client closed request": recorded in metrics, never seen by the client
 
 
@@ -311,7 +311,7 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     try:
         return served.llm.tokenizer.apply_chat_template(
             messages, add_generation_prompt=body.add_generation_prompt, tokenize=True,
-            chat_template=served.chat_template, **extra)
+            chat_template=served.chat_template, special_tokens_in_content=False, **extra)
     except TemplateError as exc:
         raise APIError(400, f"could not render the chat template: {exc}", param="messages") from None
 
