@@ -3,6 +3,7 @@
 
     python benchmarks/health_latency.py                       # the bundled model, engine process
     python benchmarks/health_latency.py --engine-in-process   # the old layout, for comparison
+    python benchmarks/health_latency.py --heavy               # plus 3 clients sending 3-4 MB hostile requests
     python benchmarks/health_latency.py --checkpoint DIR
 """
 
@@ -23,7 +24,14 @@ from common import percentile, print_table
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-async def run_load(base: str, model: str, streams: int, max_tokens: int) -> list[float]:
+HEAVY_BODIES = [  # issue 12's hostile cases: each must be refused cheaply, off the event loop where it costs
+    {"prompt": "to be or not to be " * 180_000, "max_tokens": 1},  # 3.4 MB prompt
+    {"prompt": "x", "max_tokens": 1, "logit_bias": {str(10 ** 6 + i): 1 for i in range(150_000)}},
+    {"messages": [{"role": "user", "content": "to be " * 600_000}]},  # 3.6 MB chat message
+]
+
+
+async def run_load(base: str, model: str, streams: int, max_tokens: int, heavy: bool = False) -> list[float]:
     latencies: list[float] = []
     done = asyncio.Event()
     body = {"model": model, "prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -49,7 +57,15 @@ async def run_load(base: str, model: str, streams: int, max_tokens: int) -> list
                 latencies.append(time.perf_counter() - start)
                 await asyncio.sleep(0.02)
 
+        async def send_heavy() -> None:
+            while not done.is_set():
+                for heavy_body in HEAVY_BODIES:
+                    path = "/v1/chat/completions" if "messages" in heavy_body else "/v1/completions"
+                    await client.post(path, json={"model": model, **heavy_body})
+
         watchers = [asyncio.create_task(poll_metrics()), asyncio.create_task(time_health())]
+        if heavy:
+            watchers += [asyncio.create_task(send_heavy()) for _ in range(3)]
         await asyncio.gather(*(stream() for _ in range(streams)))
         done.set()
         await asyncio.gather(*watchers)
@@ -62,6 +78,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=240, help="per stream (the bundled model's context: 256)")
     parser.add_argument("--engine-in-process", action="store_true")
+    parser.add_argument("--heavy", action="store_true", help="3 clients also send issue 12's heavy hostile requests")
     args = parser.parse_args()
     from llmasos.server.serving import free_port
 
@@ -84,11 +101,13 @@ def main() -> None:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("error: the server did not start")
             time.sleep(0.2)
-        latencies = asyncio.run(run_load(base, "bench", args.streams, args.max_tokens))
+        latencies = asyncio.run(run_load(base, "bench", args.streams, args.max_tokens, args.heavy))
     finally:
         process.terminate()
         process.wait(timeout=60)
     layout = "engine in the server process" if args.engine_in_process else "engine process"
+    if args.heavy:
+        layout += ", with heavy hostile requests"
     print_table(f"/health latency, {args.streams} streams + /metrics every 100 ms ({layout})", [
         ("samples", str(len(latencies))),
         ("p50 (ms)", f"{percentile(latencies, 50) * 1e3:.1f}"),
