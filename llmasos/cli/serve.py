@@ -41,10 +41,26 @@ def _default_model() -> str:
               help='JSON {"model": {"input": $/1M, "output": $/1M}}.')
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=float)
 @click.option("--allow-unauthenticated", is_flag=True, help="Allow a non-loopback bind with no API keys.")
+@click.option("--allowed-hosts", multiple=True, metavar="NAME",
+              help="Host header a server without keys also answers (repeatable; '.example.com' and its subdomains, "
+                   "'*' any). By default only localhost, 127.0.0.1, [::1] and the bind address: a guard against DNS "
+                   "rebinding. GET /health answers any Host (probes send the pod's IP).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Origin whose web pages may call the API, e.g. https://app.example.com (repeatable; '*' any). "
+                   "Other origins get no CORS headers.")
+@click.option("--timeout-keep-alive", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an idle connection stays open between requests.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client has to send a request's headers; then 408 and the connection is closed.")
+@click.option("--body-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client has to send a request's body after its headers; then 408 and close.")
+@click.option("--max-connections-per-client", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Open connections per client address (more are refused with 429); 0: no cap.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, quantization,
           quantization_group_size, num_threads, engine_process, max_queue, max_body_bytes, price_table,
-          shutdown_timeout, allow_unauthenticated, log_level) -> None:
+          shutdown_timeout, allow_unauthenticated, allowed_hosts, cors_origins, timeout_keep_alive, header_timeout,
+          body_timeout, max_connections_per_client, log_level) -> None:
     """Serve models over the OpenAI API (completions, chat, embeddings)."""
     from llmasos.server.metering import PriceTable
     from llmasos.server.serving import check_bind, load_served_model, run_server
@@ -60,7 +76,10 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
         raise click.UsageError("--served-model-name applies to a single --model")
     settings = ServerSettings(host=host, port=port, max_body_bytes=max_body_bytes, max_queue=max_queue,
                               shutdown_timeout=shutdown_timeout, allow_unauthenticated=allow_unauthenticated,
-                              price_table=PriceTable.from_file(price_table) if price_table else PriceTable())
+                              price_table=PriceTable.from_file(price_table) if price_table else PriceTable(),
+                              allowed_hosts=allowed_hosts, cors_origins=cors_origins,
+                              timeout_keep_alive=timeout_keep_alive, header_timeout=header_timeout,
+                              body_timeout=body_timeout, max_connections_per_client=max_connections_per_client)
     served = {}
     for name in models:
         model = load_served_model(name, served_model_name, engine_process=engine_process, dtype=dtype,

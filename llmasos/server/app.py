@@ -206,6 +206,9 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
     app.include_router(protected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, state=state)  # outside the body limit: strangers get 401, not 413
+    from llmasos.server.guard import install_guard
+
+    install_guard(app, state)  # outside auth: Host, CORS preflight and JSON Content-Type come before the key
     app.add_middleware(RequestCounterMiddleware, metrics=state.metrics)
     return app
 

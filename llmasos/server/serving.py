@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -12,9 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from llmasos.server.protocol import APIError
 from llmasos.server.state import ServedModel, ServerSettings
 from llmasos.spec import ModelSpec
 
@@ -57,12 +62,112 @@ def check_bind(host: str, allow_unauthenticated: bool) -> None:
                          "--name NAME`, bind 127.0.0.1, or pass --allow-unauthenticated")
 
 
+MAX_HEADER_BYTES = 16 << 10  # h11's cap on an incomplete request head: headers past it are a 400
+
+
+def _timeout_response(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps(APIError(status, message, code="request_timeout" if status == 408 else "too_many_connections")
+                      .body()).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with what an ASGI app cannot see: a deadline on the request head (from the connection,
+    or from the first byte of a kept-alive request), a deadline on the body, and a cap on the open connections of one
+    client address (refused with 429 before any byte is read). uvicorn itself only times out idle kept-alive
+    connections. Subclassed per server by `with_limits`, which gives the class its settings and its counts."""
+
+    header_timeout = 10.0
+    body_timeout = 60.0
+    max_per_client = 0
+    open_per_client: dict[str, int] = {}
+
+    @classmethod
+    def with_limits(cls, settings: ServerSettings) -> type[GuardedH11Protocol]:
+        return type("GuardedH11Protocol", (cls,), {
+            "header_timeout": settings.header_timeout, "body_timeout": settings.body_timeout,
+            "max_per_client": settings.max_connections_per_client, "open_per_client": {}})
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_phase: str | None = None
+        self._counted: str | None = None
+        address = self.client[0] if self.client else None
+        if address is not None and self.max_per_client:
+            if self.open_per_client.get(address, 0) >= self.max_per_client:
+                transport.write(_timeout_response(429, "Too Many Requests", f"more than {self.max_per_client} open "
+                                                  "connections from this address; reuse connections or close some"))
+                transport.close()
+                return
+            self.open_per_client[address] = self.open_per_client.get(address, 0) + 1
+            self._counted = address
+        self._arm("head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm(None)
+        if self._counted is not None:
+            left = self.open_per_client.get(self._counted, 1) - 1
+            if left > 0:
+                self.open_per_client[self._counted] = left
+            else:
+                self.open_per_client.pop(self._counted, None)
+            self._counted = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        their_state = self.conn.their_state
+        if their_state is h11.IDLE:  # a request head under way (or bytes of the next one)
+            self._arm("head")
+        elif their_state is h11.SEND_BODY:
+            self._arm("body")
+        else:  # the request is all in
+            self._arm(None)
+
+    def on_response_complete(self) -> None:
+        self._arm(None)  # waiting for the next request: uvicorn's keep-alive timeout, until its first byte
+        super().on_response_complete()
+
+    def _arm(self, phase: str | None) -> None:
+        """Start the deadline of `phase` ('head' or 'body'), keep it if already running, or stop it (None)."""
+        if phase == self._deadline_phase:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._deadline_phase = phase
+        if phase is not None:
+            seconds = self.header_timeout if phase == "head" else self.body_timeout
+            self._deadline = self.loop.call_later(seconds, self._expired, phase, seconds)
+
+    def _expired(self, phase: str, seconds: float) -> None:
+        self._deadline, self._deadline_phase = None, None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle if self.conn.their_state is h11.SEND_BODY else None
+        if cycle is None or not cycle.response_started:
+            what = "request headers" if phase == "head" else "request body"
+            self.transport.write(_timeout_response(408, "Request Timeout", f"the {what} did not arrive within "
+                                                   f"{seconds:g} s"))
+        if cycle is not None:  # the app sees a disconnect and writes nothing more
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+
 def build_server(models: dict[str, ServedModel], settings: ServerSettings, log_level: str = "info") -> uvicorn.Server:
     from llmasos.server.app import create_app
 
     app = create_app(models, settings)
+    protocol = GuardedH11Protocol.with_limits(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout), access_log=False)
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout), access_log=False,
+                            http=protocol, timeout_keep_alive=settings.timeout_keep_alive,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return uvicorn.Server(config)
 
 
