@@ -167,7 +167,7 @@ def build_server(models: dict[str, ServedModel], settings: ServerSettings, log_l
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_timeout), access_log=False,
                             http=protocol, timeout_keep_alive=settings.timeout_keep_alive,
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws="none")  # no WebSocket routes
     return uvicorn.Server(config)
 
 

@@ -92,6 +92,9 @@ def test_health_answers_any_host_for_probes(guarded):
     for host in ("10.42.0.17:8000", "evil.example"):
         status, _, text = request(guarded, "GET", "/health", host=host)
         assert status == 200 and json.loads(text) == {"status": "ok"}
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # no WebSocket hand-off past the protocol's limits
+    assert request(guarded, "GET", "/health", upgrade)[0] == 200
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8",
