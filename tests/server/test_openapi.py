@@ -52,6 +52,9 @@ def test_openapi_describes_the_request_models(secured):
     assert "model" not in components["TokenizeRequest"].get("required", [])  # optional with one model served
     assert "ChatMessage" in components and "HTTPValidationError" not in components
     assert schema["paths"]["/tokenizer_info"]["get"]["responses"]["200"]["content"]
+    answer = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/CompletionResponse"}
+    assert "text/event-stream" in answer  # stream: true
     assert schema["paths"]["/health"]["get"]["security"] == [] and schema["security"] == [{"bearer": []}]
 
 
