@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmasos.sampling_params import MAX_LOGPROBS
+
+MAX_QUOTED_CHARS = 100  # an error quotes at most this much of the client's input (a 3 MB model name stays home)
+MAX_ERROR_CHARS = 1000  # and no error message is longer than this, whoever built it
+
+
+def clip(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` as a string of at most `limit` characters (and an ellipsis): how errors quote what the client sent."""
+    text = str(text)
+    if not text.isascii():  # a lone surrogate quoted back would break the response's UTF-8
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class APIError(Exception):
@@ -14,6 +25,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        message = clip(message, MAX_ERROR_CHARS)
+        param = None if param is None else clip(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -22,14 +35,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class StrictModel(BaseModel):
+    """JSON types as the OpenAI spec has them: no `false` for a token id, `0.0` for a count or `0` for a flag (floats
+    still take integers, as OpenAI's do)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StrictModel):
     """Fields shared by completions and chat, including the extras vLLM accepts (top_k, min_p, ...)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
@@ -64,7 +84,7 @@ class SamplingFields(BaseModel):
             return value
         for key, bias in value.items():
             if not str(key).lstrip("-").isdigit():
-                raise ValueError(f"logit_bias key {key!r} is not a token id")
+                raise ValueError(f"logit_bias key {clip(key)!r} is not a token id")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias value for token {key} must be in [-100, 100]")
         return value
@@ -79,17 +99,24 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(BaseModel):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(StrictModel):
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_content(self):
+        # OpenAI requires it: a tool message is the result of a call, and an empty one reads as a result too
+        if self.role == "tool" and self.content is None:
+            raise ValueError("a tool message needs content (the tool's result)")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -108,8 +135,8 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EmbeddingRequest(StrictModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     input: str | list[str] | list[int] | list[list[int]]
