@@ -95,10 +95,9 @@ async def _admit(state: ServerState, served: ServedModel, request: Request, prom
     if len(prompts) > settings.max_prompts_per_request:
         raise APIError(400, f"{len(prompts)} prompts in one request; at most {settings.max_prompts_per_request} are "
                        "allowed", param="prompt")
-    if sequences > min(settings.max_sequences_per_request, settings.max_queue):
+    if sequences > settings.max_sequences_per_request:
         raise APIError(400, f"the request asks for {sequences} sequences ({len(prompts)} prompts x n={n}); at most "
-                       f"{min(settings.max_sequences_per_request, settings.max_queue)} are allowed per request",
-                       param="n")
+                       f"{settings.max_sequences_per_request} are allowed per request", param="n")
     stats = served.llm.metrics()  # as the engine last reported them: never waits for a step
     # Queued in the scheduler, or accepted by AsyncLLM but not yet handed to the engine (a lower bound when n > 1).
     waiting = max(stats["num_waiting"], served.async_llm.num_in_flight - stats["num_running"])
