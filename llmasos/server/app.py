@@ -231,7 +231,9 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
     app.state.llmasos = state
 
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError):
+        # One line per refused request (the message is already clipped to what the client sees); no traceback.
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.type, exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
