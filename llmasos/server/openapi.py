@@ -135,6 +135,15 @@ RESPONSES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
 }
 
 
+# One event of a `stream: true` answer: a chunk (the answer's id, object, created, model and choices) or "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"const": "[DONE]"},
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "type": "object", "required": ["id", "object", "created", "model", "choices"],
+        "properties": {"choices": {"type": "array"}, "usage": {"$ref": "#/components/schemas/Usage"}}}},
+]}}}
+
+
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     bodies = request_models()
@@ -161,7 +170,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                 model, streams = RESPONSES[path, method]
                 content = {"application/json": {"schema": refs[(model, "serialization")]}}
                 if streams:
-                    content["text/event-stream"] = {"schema": {"type": "string"}}
+                    content["text/event-stream"] = {"schema": SSE_EVENT}
                 responses["200"] = {"description": "Successful Response", "content": content}
                 if path == "/health":
                     responses["503"] = {"description": "An engine is down", "content": content}
