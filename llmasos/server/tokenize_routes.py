@@ -86,7 +86,7 @@ def add_tokenize_routes(router: APIRouter, state: ServerState) -> None:
             try:
                 tokens = await run_in_threadpool(
                     tokenizer.apply_chat_template, messages, add_generation_prompt=body.add_generation_prompt,
-                    tokenize=True, chat_template=served.chat_template)
+                    tokenize=True, chat_template=served.chat_template, special_tokens_in_content=False)
             except TemplateError as exc:
                 raise APIError(400, f"could not render the chat template: {exc}", param="messages") from None
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}

@@ -25,3 +25,6 @@ def test_special_tokens_typed_into_content_are_text(server):
     response = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": fake}], "max_tokens": 1})
     assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == len(ids)
+    tokenized = httpx.post(server.base_url + "/tokenize", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": fake}], "add_generation_prompt": True})
+    assert tokenized.status_code == 200 and tokenized.json()["tokens"] == ids  # /tokenize renders as chat does
