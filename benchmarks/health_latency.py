@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,17 +59,31 @@ async def run_load(base: str, model: str, streams: int, max_tokens: int, heavy: 
                 latencies.append(time.perf_counter() - start)
                 await asyncio.sleep(0.02)
 
-        async def send_heavy() -> None:
-            while not done.is_set():
-                for heavy_body in HEAVY_BODIES:
-                    path = "/v1/chat/completions" if "messages" in heavy_body else "/v1/completions"
-                    await client.post(path, json={"model": model, **heavy_body})
+        # Heavy bodies are encoded once and sent from threads: encoding 2-4 MB of JSON in this event loop would delay
+        # our own /health timer and be counted against the server.
+        encoded = [("/v1/chat/completions" if "messages" in body else "/v1/completions",
+                    json.dumps({"model": model, **body}).encode()) for body in HEAVY_BODIES]
+        statuses: list[int] = []
 
+        def send_heavy() -> None:
+            with httpx.Client(base_url=base, timeout=600) as heavy_client:
+                while not done.is_set():
+                    for path, content in encoded:
+                        statuses.append(heavy_client.post(path, content=content, headers={
+                            "Content-Type": "application/json"}).status_code)
+
+        senders = [threading.Thread(target=send_heavy) for _ in range(3 if heavy else 0)]
+        for sender in senders:
+            sender.start()
         watchers = [asyncio.create_task(poll_metrics()), asyncio.create_task(time_health())]
+        try:
+            await asyncio.gather(*(stream() for _ in range(streams)))
+        finally:
+            done.set()
+            for sender in senders:
+                sender.join()
         if heavy:
-            watchers += [asyncio.create_task(send_heavy()) for _ in range(3)]
-        await asyncio.gather(*(stream() for _ in range(streams)))
-        done.set()
+            print(f"{len(statuses)} heavy requests, statuses {sorted(set(statuses))}")
         await asyncio.gather(*watchers)
     return latencies
 
