@@ -212,4 +212,7 @@ class MeteredStream(StreamingResponse):
             error = {"message": "internal server error: generation stopped", "type": "server_error", "param": None,
                      "code": None}
             await send({"type": "http.response.body", "body": sse({"error": error}).encode(), "more_body": True})
+        # Usage is written before the response ends: a client that reads its usage right after the stream finds it.
+        with anyio.CancelScope(shield=True):
+            await self.job.finish()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
