@@ -3,6 +3,7 @@ GET /health, and the model, usage, health and metrics routes (generation routes 
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
@@ -211,6 +212,10 @@ class AuthMiddleware:
         key = None
         if scope["path"] != "/health":
             headers = Headers(scope=scope)
+            if hmac.compare_digest(headers.get("authorization", "").encode("utf-8", "surrogatepass"),
+                                   f"Bearer {self.state.internal_token}".encode()):
+                scope.setdefault("state", {})["key"] = None  # this process's own Service
+                return await self.app(scope, receive, send)
             try:
                 key = await run_in_threadpool(authenticate, self.state, headers.get("authorization", ""))
             except APIError as error:
@@ -276,7 +281,8 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
     @app.get("/health")
     async def health():
         alive = all(m.async_llm.is_alive for m in state.models.values())
-        return JSONResponse({"status": "ok" if alive else "unavailable"}, status_code=200 if alive else 503)
+        return JSONResponse({"status": "ok" if alive else "unavailable"}, status_code=200 if alive else 503,
+                            headers={"x-llmasos-instance": state.instance_id})
 
     protected = APIRouter()  # AuthMiddleware guards every route but /health
 

@@ -209,29 +209,42 @@ class Service:
         self.base_url = f"http://{settings.host}:{settings.port}"
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._state = None  # the running app's ServerState (instance id, internal token), once started
 
     def start(self, timeout: float = 60.0) -> Service:
-        """Start serving and return once /health answers 200."""
+        """Start serving and return once this server's own /health answers 200. Raises if the port is taken (even
+        when another server answers there) or the server stops while starting."""
         check_bind(self.settings.host, self.settings.allow_unauthenticated)
         self._server = build_server(self.models, self.settings, log_level="warning")
-        self._thread = threading.Thread(target=self._server.run, name="llmasos-server", daemon=True)
+        self._state = self._server.config.app.state.llmasos
+        self._thread = threading.Thread(target=self._serve, name="llmasos-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._thread.is_alive():
+            if not self._thread.is_alive():  # uvicorn's thread ends when it cannot bind
                 raise RuntimeError(f"the server failed to start on {self.base_url} (is the port in use?)")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
+                response = httpx.get(f"{self.base_url}/health", timeout=1.0)
+                ours = response.headers.get("x-llmasos-instance") == self._state.instance_id
+                if ours and response.status_code == 200:
                     return self
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet; a server that is not ours answering is ignored until our thread ends
             time.sleep(0.05)
         raise TimeoutError(f"the server did not become healthy within {timeout} s")
+
+    def _serve(self) -> None:
+        try:
+            self._server.run()
+        except SystemExit:  # uvicorn leaves its thread this way when it cannot bind; start() reports it
+            pass
 
     def predict(self, text: str, api_key: str | None = None, **params: Any) -> str:
         """Complete `text` with the first served model; `params` are completion fields (max_tokens, temperature)."""
         model_id = next(iter(self.models))
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Without a key of the caller's, the service's own process-local token: it works once keys exist, too.
+        token = api_key or (self._state.internal_token if self._state is not None else None)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = httpx.post(f"{self.base_url}/v1/completions", json={"model": model_id, "prompt": text, **params},
                               headers=headers, timeout=600)
         if response.status_code != 200:

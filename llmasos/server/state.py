@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,11 @@ class ServerState:
     limiter: Limiter = field(default_factory=Limiter)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     _auth_cache: tuple[float, bool] = (0.0, False)
+    # Which server answered (GET /health's x-llmasos-instance header): an in-process Service checks it is its own.
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # A bearer token known only to this process: an in-process Service's own calls (LLMServing's predict) pass auth
+    # with it and are metered without a key name; it is never printed, stored or sent anywhere but to ourselves.
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     def auth_required(self) -> bool:
         """True once any key has been created. Revoked and expired keys count too: revoking the last key must lock

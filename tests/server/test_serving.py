@@ -18,7 +18,8 @@ from conftest import REPO_ROOT, cli, create_key, openai_client, sse_events, wait
 
 from llmasos import LLM, LLMServing, SamplingParams
 from llmasos.cli.main import cli as llmasos_cli
-from llmasos.server.serving import check_bind, free_port, is_loopback
+from llmasos.server.serving import Service, check_bind, free_port, is_loopback
+from llmasos.server.state import ServerSettings
 
 
 def greedy(llm, prompt: str, max_tokens: int) -> str:
@@ -129,3 +130,26 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, lon
     rows = json.loads(subprocess.run([sys.executable, "-m", "llmasos", "usage", "--json"], env=env, cwd=REPO_ROOT,
                                      capture_output=True, text=True, check=True).stdout)
     assert sum(r["completion_tokens"] for r in rows if r["model"] == long_checkpoint.name) == 8 + 1500
+
+
+def test_start_raises_when_the_port_is_taken_even_by_another_llmasos_server(home, checkpoint, server):
+    """The old start() accepted any /health 200 — another server's — while its own thread had died on the bind."""
+    taken = int(server.base_url.rsplit(":", 1)[1])
+    served = server.models[next(iter(server.models))]
+    intruder = Service({"other": served}, ServerSettings(host="127.0.0.1", port=taken))
+    with pytest.raises(RuntimeError, match="port in use"):
+        intruder.start(timeout=30)
+
+
+def test_predict_uses_the_services_own_credentials_once_keys_exist(home, checkpoint, reference):
+    service = LLMServing.from_pretrained(checkpoint, served_name="own", dtype="float32",
+                                         engine_process=False).create_service(port=free_port())
+    with service:
+        expected = reference.generate("To be", SamplingParams(max_tokens=4, temperature=0))[0].text
+        create_key("someone")  # from now on every other client needs a key
+        wait_until(lambda: httpx.post(service.base_url + "/v1/completions", json={
+            "model": "own", "prompt": "x", "max_tokens": 1}).status_code == 401)
+        assert service.predict("To be", max_tokens=4, temperature=0) == expected
+        forged = httpx.post(service.base_url + "/v1/completions", json={"model": "own", "prompt": "x"},
+                            headers={"Authorization": "Bearer " + "x" * 43})
+        assert forged.status_code == 401
