@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from llmasos.errors import EvalDataError
 from llmasos.eval.metrics import METRICS
 
 
@@ -67,6 +68,9 @@ def _run(task, model: str | None, endpoint: str | None, api_key: str | None, dty
         task.limit = limit
     if endpoint is None and not model:
         raise click.UsageError("pass --model NAME_OR_PATH, or --endpoint URL (with --model ID if it serves several)")
+    for path, option in ((task.data, "--data"), (task.few_shot_data, "--few-shot-data")):
+        if path is not None and not Path(path).expanduser().is_file():  # before minutes of loading a model
+            raise EvalDataError(f"data file {path} does not exist; check the {option} path")
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         progress_id = bar.add_task("loading model" if endpoint is None else "connecting", total=None)
@@ -85,7 +89,9 @@ def _run(task, model: str | None, endpoint: str | None, api_key: str | None, dty
     if as_json:
         click.echo(text)
     else:
-        Console().print(_table(report))
+        from llmasos.cli import table_console
+
+        table_console().print(_table(report))
 
 
 @click.group("eval")

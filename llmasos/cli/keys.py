@@ -48,9 +48,9 @@ def create(name, token_quota, rpm, tpm, max_concurrency, models, expires, as_jso
 @click.option("--json", "as_json", is_flag=True)
 def list_(as_json) -> None:
     """List keys (never their secrets)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from llmasos.cli import table_console
     from llmasos.server.auth import list_keys
 
     rows = list_keys()
@@ -63,7 +63,7 @@ def list_(as_json) -> None:
                       "revoked" if r["revoked"] else "active", *(str(r[k] or "-") for k in
                                                                   ("token_quota", "rpm", "tpm", "max_concurrency")),
                       ",".join(r["models"]) if r["models"] else "all")
-    Console().print(table)
+    table_console().print(table)
 
 
 @keys.command("revoke")
@@ -82,9 +82,9 @@ def revoke(name) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def usage(key_name, since, as_json) -> None:
     """Metered usage per key and model: requests, tokens and cost."""
-    from rich.console import Console
     from rich.table import Table
 
+    from llmasos.cli import table_console
     from llmasos.server.auth import usage_summary
 
     rows = usage_summary(key_name, _date(since))
@@ -95,7 +95,7 @@ def usage(key_name, since, as_json) -> None:
     for r in rows:
         table.add_row(r["key"] or "(no key)", r["model"], str(r["requests"]), str(r["prompt_tokens"]),
                       str(r["completion_tokens"]), f"{r['cost']:.6f}")
-    Console().print(table)
+    table_console().print(table)
 
 
 def register(cli: click.Group) -> None:

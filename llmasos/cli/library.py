@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 
 def _console():
-    from rich.console import Console
+    from llmasos.cli import table_console
 
-    # Not a terminal (a pipe, a log): wide enough that rows never wrap.
-    return Console(width=None if sys.stdout.isatty() else 240, highlight=False)
+    return table_console()
 
 
 @click.command()

@@ -51,11 +51,23 @@ def test_perplexity_json_matches_the_api_and_is_saved(model_dir, llm, tmp_path):
     assert json.loads(output.read_text()) == report
 
 
-def test_table_output(model_dir):
-    result = invoke("multiple-choice", "-m", model_dir, "--data", EVALS / "tiny_mc.jsonl", "--limit", 3)
+def test_table_output(model_dir, tmp_path):
+    data = tmp_path / ("a-long-folder-name-" * 5) / "tiny_mc.jsonl"  # a path longer than 80 columns
+    data.parent.mkdir()
+    data.write_bytes((EVALS / "tiny_mc.jsonl").read_bytes())
+    result = invoke("multiple-choice", "-m", model_dir, "--data", data, "--limit", 3)
     assert result.exit_code == 0, result.output
     for word in ("accuracy", "accuracy_norm", "in-process", "examples"):
         assert word in result.stdout
+    # Piped (not a terminal), the table is not cut at 80 columns: the long path stays on one line.
+    assert any(data.name in line and str(data.parent.name) in line for line in result.stdout.splitlines())
+
+
+def test_a_missing_data_file_is_named_before_any_model_is_loaded(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    result = invoke("perplexity", "--model", "no-such-model-anywhere", "--data", missing)
+    assert result.exit_code == 1 and str(missing) in result.stderr and "--data" in result.stderr
+    assert "no-such-model" not in result.stderr  # the model was never resolved
 
 
 def test_multiple_choice_json(model_dir, llm):
