@@ -187,17 +187,6 @@ def model_kind(directory: Path) -> ModelKind:
     return "seq2seq" if config and is_seq2seq_config(config) else "decoder"
 
 
-def _quantization_from_config(directory: Path) -> tuple[str | None, int | None]:
-    """A checkpoint the library stored quantized says so in config.json's quantization_config."""
-    from llmasos.models.loader import read_json_file
-
-    config = read_json_file(directory / "config.json", required=False)
-    quant = config.get("quantization_config") if config else None
-    if isinstance(quant, dict) and quant.get("quant_method") == "llmasos":
-        return quant.get("method"), quant.get("group_size")
-    return None, None
-
-
 def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, device: Any = None,
                  quantization: str | None = None, quantization_group_size: int | None = None,
                  **engine_options: Any) -> ModelSpec:
@@ -224,11 +213,12 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
     resolved = resolve_model(name_or_path)
     directory = resolve_directory(resolved.path)  # a missing or non-directory path is named here, once
     parameters = dict(resolved.parameters)
-    stored_method, stored_group = _quantization_from_config(directory)
-    method = quantization or parameters.pop("quantization", None) or stored_method
-    group = quantization_group_size or parameters.pop("quantization_group_size", None) or stored_group or 32
-    parameters.pop("quantization", None)
-    parameters.pop("quantization_group_size", None)
+    from llmasos.library.quantized import checkpoint_quantization
+
+    stored_method, stored_group = checkpoint_quantization(directory) or (None, None)
+    asked_method, asked_group = parameters.pop("quantization", None), parameters.pop("quantization_group_size", None)
+    method = quantization or asked_method or stored_method
+    group = quantization_group_size or asked_group or stored_group or 32
     generation = generation_defaults(read_json_file(directory / "generation_config.json", required=False))
     return ModelSpec(
         name=resolved.name, path=str(directory), kind=model_kind(directory),
