@@ -5,6 +5,7 @@ files, rename them into the store, then write the registry row; if any step fail
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ def import_directory(source: str | Path, name: str, *, link: bool = False, sourc
     against its file size, the tokenizer), then that the name is free."""
     check_name(name)
     source_dir = Path(source).expanduser()
+    refuse_adapter(source_dir)
     info = inspect_checkpoint(source_dir)
     if get_model(name) is not None:
         raise LibraryError(f"a model named {name!r} already exists: remove it first (`llmasos rm {name}`) or choose "
@@ -87,3 +89,43 @@ def import_directory(source: str | Path, name: str, *, link: bool = False, sourc
             fields["license"] = license
         row = register_staged(staged, name, hashes, source_type=source_type, **fields)
     return row, linked_any
+
+
+def refuse_adapter(directory: Path) -> None:
+    """A PEFT LoRA adapter (adapter_config.json, no config.json) is not a model: say so, name the base it was trained
+    on, and show the Modelfile that serves base + adapter (`llmasos create`)."""
+    if (directory / "config.json").exists() or not (directory / "adapter_config.json").is_file():
+        return
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = {}
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    kind = config.get("peft_type", "LORA") if isinstance(config, dict) else "LORA"
+    if kind != "LORA":
+        raise LibraryError(f"refused {directory}: it is a PEFT {kind} adapter (adapter_config.json), not a model; "
+                           "LLMasOS applies LoRA adapters only, to a base model in the library")
+    from_name, add_base = "BASE", "`llmasos import BASE_DIR --name BASE` or `llmasos pull REPO --name BASE`"
+    if isinstance(base, str) and base:
+        trained_on = f"it was trained on {base!r} (base_model_name_or_path in adapter_config.json)"
+        if _library_has(base):  # trained from a library model: the trainer records its name
+            from_name, add_base = base, None
+        elif Path(base).expanduser().is_dir():
+            add_base = f"`llmasos import {base} --name BASE`"
+        else:
+            add_base = f"`llmasos pull {base} --name BASE` (or `llmasos import` its directory)"
+    else:
+        trained_on = "adapter_config.json does not name its base model (base_model_name_or_path)"
+    steps = f"Add the base model first with {add_base}, then create" if add_base else "Create"
+    raise LibraryError(
+        f"refused {directory}: it is a LoRA adapter (adapter_config.json + adapter weights), not a model, so there "
+        f"is no config.json to import; {trained_on}. {steps} a model that applies the adapter with a Modelfile "
+        f"holding the two lines\n    FROM {from_name}\n    ADAPTER {directory.resolve()}\n"
+        "and `llmasos create NAME -f Modelfile`")
+
+
+def _library_has(name: str) -> bool:
+    try:
+        return get_model(check_name(name)) is not None
+    except LibraryError:
+        return False

@@ -161,3 +161,66 @@ def test_show_json_is_valid_for_every_field(cli, checkpoint):
                 "license", "system", "sampling_parameters", "chat_template"):
         assert key in data
     assert data["format"] == "safetensors" and data["source"]["type"] == "local"
+
+
+def _peft_adapter(base, directory):
+    """A LoRA adapter as PEFT itself saves it (adapter_config.json + adapter_model.safetensors, no config.json)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(directory)
+    assert not (directory / "config.json").exists()
+    return directory
+
+
+def test_import_of_an_adapter_says_what_it_is_and_how_to_use_it(cli, home, checkpoint, workdir):
+    adapter = _peft_adapter(checkpoint, workdir / "adapter")
+    before = tree(home)
+    result = cli("import", str(adapter), "--name", "tuned")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.stderr.split())
+    assert "LoRA adapter" in message and str(checkpoint) in message  # names the base from adapter_config.json
+    assert f"llmasos import {checkpoint} --name BASE" in message
+    assert f"ADAPTER {adapter.resolve()}" in message and "llmasos create NAME -f Modelfile" in message
+    assert tree(home) == before and _list(cli) == []  # nothing half-imported
+
+    # The hint works as written.
+    assert cli("import", str(checkpoint), "--name", "base").exit_code == 0
+    modelfile = workdir / "Modelfile"
+    modelfile.write_text(f"FROM base\nADAPTER {adapter.resolve()}\n")
+    created = cli("create", "tuned", "-f", str(modelfile))
+    assert created.exit_code == 0, created.output
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert LLM.load("tuned").generate("To be", params)[0].token_ids != LLM.load("base").generate(
+        "To be", params)[0].token_ids
+
+
+def test_import_of_an_adapter_without_a_recorded_base(cli, home, workdir):
+    adapter = workdir / "bare-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    result = cli("import", str(adapter), "--name", "tuned")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = " ".join(result.stderr.split())
+    assert "LoRA adapter" in message and "does not name its base model" in message and "ADAPTER" in message
+    assert _list(cli) == []
+
+
+def test_import_of_an_adapter_of_a_library_model_names_it(cli, checkpoint, workdir):
+    assert cli("import", str(checkpoint), "--name", "base:v1").exit_code == 0
+    adapter = workdir / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
+                                                             "base:v1"}))
+    result = cli("import", str(adapter), "--name", "tuned")
+    assert result.exit_code == 1
+    message = " ".join(result.stderr.split())
+    assert "FROM base:v1 ADAPTER" in message and "llmasos pull" not in message
