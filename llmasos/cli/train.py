@@ -149,13 +149,13 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         if args.method == "lora":
             trainer.save_pretrained(output / "adapter")
         if ctx.is_main:
-            _summary(result, final, time.perf_counter() - started, trainer.model.num_parameters())
+            _summary(result, final, time.perf_counter() - started)
     finally:
         teardown(ctx)
 
 
-def _summary(result, final: Path, seconds: float, num_parameters: int) -> None:
-    lines = [f"trained {num_parameters:,} parameters for {result.global_step} steps in {seconds:.1f}s "
+def _summary(result, final: Path, seconds: float) -> None:
+    lines = [f"trained {result.parameters_text()} for {result.global_step} steps in {seconds:.1f}s "
              f"({result.num_train_tokens:,} tokens)"]
     if result.train_loss is not None:
         lines.append(f"final train loss {result.train_loss:.4f}")

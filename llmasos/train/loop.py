@@ -61,6 +61,19 @@ class TrainResult:
     num_examples: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    num_trainable_parameters: int = 0  # what the optimizer updated: the LoRA matrices only, after a LoRA run
+    num_parameters: int = 0  # every parameter of the model trained (LoRA matrices included, as PEFT counts)
+
+    def parameters_text(self) -> str:
+        """'12,288 of 4,369,152 parameters (0.2812%)', the numbers PEFT's print_trainable_parameters shows."""
+        share = 100 * self.num_trainable_parameters / max(self.num_parameters, 1)
+        return f"{self.num_trainable_parameters:,} of {self.num_parameters:,} parameters ({share:.4g}%)"
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) elements of a module's parameters, each shared (tied) tensor counted once."""
+    unique = {id(param): param for param in module.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
 def lr_lambda(args: TrainingArguments, total_steps: int):

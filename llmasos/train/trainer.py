@@ -29,7 +29,7 @@ from llmasos.train.data import read_records
 from llmasos.train.dataset import DatasetReport, Example, build_examples
 from llmasos.train.distributed import DistContext, full_state_dicts, setup, wrap
 from llmasos.train.initialize import complete_config, init_weights
-from llmasos.train.loop import Loop, LossModule, TrainResult, evaluate_loss
+from llmasos.train.loop import Loop, LossModule, TrainResult, count_parameters, evaluate_loss
 from llmasos.train.reporting import Reporter
 from llmasos.train.save import DTYPE_NAMES, export_model
 
@@ -145,6 +145,7 @@ class LLMTrainer:
         elif args.method == "full" and self.lora_settings is not None:
             raise ValueError("this model carries LoRA adapters: train it with method='lora', or save it with "
                              "merge=True and load the merged model for full training")
+        num_trainable, num_parameters = count_parameters(self.model)  # before FSDP shards them
         self.model.to(ctx.device)
         self.model.gradient_checkpointing = args.gradient_checkpointing
         self.model.train()
@@ -161,6 +162,7 @@ class LLMTrainer:
             warnings.warn(f"train_data: {report.skip_summary()}", stacklevel=2)
         result = loop.run(start_step)
         result.skipped = report.skipped
+        result.num_trainable_parameters, result.num_parameters = num_trainable, num_parameters
         self._finish(module, ctx, args)
         self.state = result
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -54,6 +55,10 @@ def test_lora_writes_a_merged_model_and_the_adapter(tiny_gpt2, tmp_path):
     result = invoke("--model", tiny_gpt2, "--data", data, "--output", tmp_path / "run", "--method", "lora",
                     "--max-steps", 2, "--batch-size", 2)
     assert result.exit_code == 0, result.output
+    # the adapter matrices were trained, not the whole model (issue 13)
+    trained, total = (int(n.replace(",", "")) for n in re.search(r"trained ([\d,]+) of ([\d,]+) parameters \(",
+                                                                   result.output).groups())
+    assert 0 < trained < total // 4 and total > LLM.load(tiny_gpt2).num_parameters
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "run" / "final" / "adapter_config.json").exists()
     LLM.load(tmp_path / "run" / "final")

@@ -97,3 +97,29 @@ def test_unknown_target_modules_are_a_clear_error(tiny_llama, tmp_path):
     model = LLMTrainer.from_pretrained(tiny_llama)
     with pytest.raises(ValueError, match="match no linear layer.*q_proj, k_proj, v_proj, o_proj"):
         model.train(TEXT, args=lora_args(tmp_path, lora_target_modules=["c_attn"]))
+
+
+@pytest.mark.parametrize("fixture, targets", [("tiny_llama", None), ("tiny_gpt2", None),
+                                              ("tiny_qwen2", ["q_proj", "v_proj"])])
+def test_trained_parameter_count_is_the_adapters_as_peft_counts_it(fixture, targets, request, tmp_path):
+    """Issue 13: a LoRA run reported the whole model as trained; PEFT's get_nb_trainable_parameters is the reference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = request.getfixturevalue(fixture)
+    model = LLMTrainer.from_pretrained(base_dir)
+    result = model.train(TEXT, args=lora_args(tmp_path, max_steps=1, lora_target_modules=targets))
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=targets or "all-linear"))
+    trainable, total = reference.get_nb_trainable_parameters()
+    assert (result.num_trainable_parameters, result.num_parameters) == (trainable, total)
+    assert 0 < trainable < total // 4
+    assert result.parameters_text() == f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.4g}%)"
+
+
+def test_full_fine_tuning_trains_every_parameter(tiny_qwen2, tmp_path):
+    model = LLMTrainer.from_pretrained(tiny_qwen2)
+    result = model.train(TEXT, args=lora_args(tmp_path, method="full", max_steps=1))
+    total = model.model.num_parameters()  # tied embeddings counted once
+    assert (result.num_trainable_parameters, result.num_parameters) == (total, total)
+    assert result.parameters_text().endswith("parameters (100%)")
