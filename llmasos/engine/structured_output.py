@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -46,7 +47,16 @@ def grammar_text(constraint: StructuredOutputsParams) -> str:
 def _describe(constraint: StructuredOutputsParams, message: str) -> str:
     what = {"json": "JSON schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
             "grammar": "grammar"}[constraint.kind]
-    return f"structured_outputs: invalid {what}: {message.strip()}"
+    lines = []
+    for line in message.strip().splitlines():
+        if re.match(r"\s*\d+ \| ", line):  # llguidance quotes the generated grammar source: not the user's text
+            break
+        if line.strip():
+            lines.append(line.strip())
+    text = " ".join(lines)
+    if constraint.kind in ("regex", "choice"):  # positions in a grammar the user never wrote
+        text = re.sub(r"^at \d+\(\d+\): ", "", text)
+    return f"structured_outputs: invalid {what}: {text}"
 
 
 def _with_timeout(fn, constraint: StructuredOutputsParams, timeout: float):
