@@ -159,7 +159,8 @@ class LLMTrainer:
         loop = Loop(module, wrapped, args, ctx, train_examples, eval_examples, self._pad_id(),
                     write_model=self._write_checkpoint_model,
                     reporter_factory=lambda total, start: Reporter(output_dir, total, start, ctx.is_main,
-                                                                   args.progress_bar))
+                                                                   args.progress_bar),
+                    num_records=report.num_records)
         start_step = 0
         if resume_dir is not None:
             start_step = loop.resume(resume_dir, self._read_checkpoint_model(resume_dir))
