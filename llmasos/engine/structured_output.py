@@ -178,18 +178,23 @@ class GrammarCompiler:
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
     """Set logits[rows[i], t] to -inf where bit t of bitmask[i] is clear (in place). Tokens past the bitmask's
-    width (model vocab padding the tokenizer does not have) are never allowed."""
-    vocab = logits.shape[1]
-    if logits.device.type == "cpu":
-        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # (rows, words * 32)
-        allowed = torch.from_numpy(allowed)
+    width (model vocab padding the tokenizer does not have) are never allowed. One branch-free pass (torch.where)
+    over the constrained rows; all rows constrained (the common case under load) needs no gather or scatter."""
+    num_rows, vocab = len(rows), logits.shape[1]
+    if logits.device.type == "cpu":  # (rows, words * 32) bytes of 0/1, viewed as bool: no conversion pass
+        allowed = torch.from_numpy(np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little"))
+        allowed = allowed.view(torch.bool)
     else:
         shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-        allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> shifts) & 1).reshape(len(rows), -1)
-    width = min(vocab, allowed.shape[1])
-    index = torch.tensor(rows, device=logits.device)
-    block = logits[index]  # (constrained rows, vocab)
-    block[:, :width].masked_fill_(allowed[:, :width].to(logits.device) == 0, float("-inf"))
-    if width < vocab:
-        block[:, width:] = float("-inf")
-    logits[index] = block
+        allowed = ((bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> shifts) & 1).bool()
+        allowed = allowed.reshape(num_rows, -1)
+    if allowed.shape[1] >= vocab:
+        allowed = allowed[:, :vocab]
+    else:
+        allowed = torch.cat([allowed, allowed.new_zeros(num_rows, vocab - allowed.shape[1])], dim=1)
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    if rows == list(range(logits.shape[0])):
+        torch.where(allowed, logits, minus_inf, out=logits)
+    else:
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = torch.where(allowed, logits[index], minus_inf)
