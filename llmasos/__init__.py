@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "llmasos.llm",
     "SamplingParams": "llmasos.sampling_params",
+    "StructuredOutputsParams": "llmasos.sampling_params",
+    "StructuredOutputError": "llmasos.engine.validation",
     "RequestOutput": "llmasos.outputs",
     "CompletionOutput": "llmasos.outputs",
     "Tokenizer": "llmasos.tokenizer",
@@ -28,11 +30,12 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from llmasos.client import AsyncClient, Client
     from llmasos.engine.async_llm import AsyncLLM
+    from llmasos.engine.validation import StructuredOutputError
     from llmasos.errors import LLMasOSError, ModelLoadError
     from llmasos.llm import LLM
     from llmasos.outputs import CompletionOutput, RequestOutput
     from llmasos.pipelines import pipeline
-    from llmasos.sampling_params import SamplingParams
+    from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
     from llmasos.server.serving import LLMServing
     from llmasos.tokenizer import Tokenizer
     from llmasos.train.arguments import TrainingArguments
@@ -48,6 +51,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "LLM", "LLMServing", "LLMTrainer", "LLMasOSError",
-    "ModelLoadError", "RequestOutput", "SamplingParams", "Tokenizer", "TrainingArguments",
-    "pipeline",
+    "ModelLoadError", "RequestOutput", "SamplingParams", "StructuredOutputError", "StructuredOutputsParams",
+    "Tokenizer", "TrainingArguments", "pipeline",
 ]

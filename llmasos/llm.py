@@ -40,8 +40,10 @@ class LLM:
         """Load a library model by name (`llmasos list`), a Hugging Face checkpoint directory (config.json,
         safetensors, tokenizer.json) or a ModelSpec. A library model's adapter, chat template, system prompt and
         default parameters apply. `quantization` ("int8" or "int4") quantizes the weights at load.
-        `engine_options` are EngineOptions fields (num_kv_blocks, kv_cache_memory, max_num_seqs, ...). dtype and
-        device default to "auto" and "cpu" (for a spec: its own)."""
+        `engine_options` are EngineOptions fields (num_kv_blocks, kv_cache_memory, max_num_seqs, ...). device
+        None or "auto" is a CUDA GPU when there is one, else the CPU; dtype "auto" keeps a bf16/fp16 checkpoint's dtype
+        and runs a float32 one in bfloat16 where the device supports it (llmasos.models.loader.resolve_dtype). For a
+        spec, None keeps its own."""
         spec = resolve_spec(model, dtype=dtype, device=device, quantization=quantization,
                             quantization_group_size=quantization_group_size, **engine_options)
         return cls.from_spec(spec, engine_process=engine_process)

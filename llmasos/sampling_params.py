@@ -2,9 +2,89 @@
 
 from __future__ import annotations
 
+import json as json_module
 from dataclasses import dataclass, field
+from typing import Any
+
+from llmasos.engine.validation import StructuredOutputError
 
 MAX_LOGPROBS = 20
+_CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the output, enforced by token masks while decoding (vLLM's StructuredOutputsParams): exactly
+    one of `json` (a JSON schema, dict or string), `json_object` (True: any JSON object), `regex`, `choice` (the
+    output is one of these strings) or `grammar` (a Lark grammar, as llguidance reads it). Shape errors raise
+    StructuredOutputError here; schema, regex and grammar errors when the engine checks the request."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in _CONSTRAINT_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise StructuredOutputError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice, grammar; got "
+                + (", ".join(given) if given else "none"))
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    parsed = json_module.loads(value)
+                except ValueError as exc:
+                    raise StructuredOutputError(f"structured_outputs.json is not valid JSON: {exc}") from None
+            else:
+                parsed = value
+            if not isinstance(parsed, (dict, bool)):
+                raise StructuredOutputError("structured_outputs.json must be a JSON schema (an object), got "
+                                            f"{type(parsed).__name__}")
+        elif kind == "json_object" and value is not True:
+            raise StructuredOutputError(f"structured_outputs.json_object must be true, got {value!r}")
+        elif kind in ("regex", "grammar") and not (isinstance(value, str) and value):
+            raise StructuredOutputError(f"structured_outputs.{kind} must be a non-empty string, got {value!r}")
+        elif kind == "choice":
+            if not (isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value)):
+                raise StructuredOutputError("structured_outputs.choice must be a non-empty list of non-empty "
+                                            f"strings, got {value!r}")
+            object.__setattr__(self, "choice", list(value))
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _CONSTRAINT_KINDS if getattr(self, kind) not in (None, False))
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, self.kind)
+
+    def key(self) -> str:
+        """A canonical string naming the constraint: the key of the compiled-grammar caches."""
+        value = self.value
+        if self.kind == "json" and isinstance(value, str):
+            value = json_module.loads(value)
+        return json_module.dumps([self.kind, value], sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (plain data for MessagePack): only the field that is set."""
+        return {self.kind: self.value}
+
+    @classmethod
+    def coerce(cls, value: StructuredOutputsParams | dict[str, Any] | None) -> StructuredOutputsParams | None:
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(_CONSTRAINT_KINDS))
+            if unknown:
+                raise StructuredOutputError(f"structured_outputs has unknown field {unknown[0]!r}; use one of "
+                                            + ", ".join(_CONSTRAINT_KINDS))
+            return cls(**value)
+        raise StructuredOutputError(f"structured_outputs must be a StructuredOutputsParams or a dict, got "
+                                    f"{type(value).__name__}")
 
 
 @dataclass
@@ -29,6 +109,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None  # score the prompt: logprob of each prompt token (+ this many alternatives)
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None  # JSON schema, regex, choice, grammar
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +165,7 @@ class SamplingParams:
                       f"logit_bias values must be in [-100, 100], got {value!r} for token {token}")
                 bias[token] = float(value)
             self.logit_bias = bias
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

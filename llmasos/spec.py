@@ -20,6 +20,16 @@ INT4_GROUP_SIZES = (32, 64, 128)
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def resolve_device(device: Any = None) -> str:
+    """The one rule for a device choice: "auto" (or None) is "cuda" when a CUDA GPU is available, else "cpu"; an
+    explicit device ("cpu", "cuda", "cuda:1", a torch.device) is kept as given."""
+    if device is None or device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs one model: KV cache, batch limits, threads. Immutable; travels inside ModelSpec."""
@@ -102,8 +112,8 @@ class ModelSpec:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {self.quantization_group_size!r}")
         if not isinstance(self.dtype, str):
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
-        if not isinstance(self.device, str):
-            object.__setattr__(self, "device", str(self.device))
+        if not isinstance(self.device, str) or self.device == "auto":
+            object.__setattr__(self, "device", resolve_device(self.device))
         if isinstance(self.engine, dict):
             object.__setattr__(self, "engine", EngineOptions(**self.engine))
         object.__setattr__(self, "path", str(self.path))
@@ -192,6 +202,9 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
                  **engine_options: Any) -> ModelSpec:
     """Resolve a library name or checkpoint directory (or pass a spec through, with these options applied).
 
+    `device` None or "auto" becomes "cuda" when a GPU is available, else "cpu" (`resolve_device`); `dtype` "auto" is
+    resolved at load, where the device is known (llmasos.models.loader.resolve_dtype).
+
     Quantization comes from the argument, else the Modelfile PARAMETER quantization, else a stored quantized
     checkpoint's config.json."""
     from llmasos.library import resolve_model
@@ -202,7 +215,7 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
         if dtype is not None:
             changes["dtype"] = dtype
         if device is not None:
-            changes["device"] = device
+            changes["device"] = resolve_device(device)
         if quantization is not None:
             changes["quantization"] = quantization
         if quantization_group_size is not None:
@@ -224,5 +237,5 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
         name=resolved.name, path=str(directory), kind=model_kind(directory),
         adapters=(str(resolved.adapter),) if resolved.adapter is not None else (), system=resolved.system,
         template=resolved.template, parameters=parameters, generation_defaults=generation, dtype=dtype or "auto",
-        device=device or "cpu", quantization=method, quantization_group_size=int(group),
+        device=resolve_device(device), quantization=method, quantization_group_size=int(group),
         engine=EngineOptions(**engine_options), library=resolved.library)

@@ -3,6 +3,7 @@ cannot chat with, and a real interactive session in a pseudo-terminal (streamed 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import select
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from support import family_config, make_checkpoint
 
 from llmasos import LLM, SamplingParams
 from llmasos.cli.main import cli
+from llmasos.cli.run_session import Session
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -46,19 +49,20 @@ def greedy_reply(llm: LLM, messages: list[dict], max_tokens: int = 8) -> str:
 
 
 def test_one_shot_answer(checkpoint, llm):
-    result = CliRunner().invoke(cli, ["run", str(checkpoint), "hello", "--max-tokens", "8", "--temperature", "0"])
+    result = CliRunner().invoke(cli, ["run", str(checkpoint), "hello", "--max-tokens", "8", "--temperature", "0",
+                                      "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     expected = greedy_reply(llm, [{"role": "user", "content": "hello"}])
     assert expected.strip() and result.output == expected + "\n"
 
 
 def test_piped_prompt_and_raw_mode(checkpoint, llm):
-    piped = CliRunner().invoke(cli, ["run", str(checkpoint), "--max-tokens", "5", "--temperature", "0"],
-                               input="hi there\n")
+    piped = CliRunner().invoke(cli, ["run", str(checkpoint), "--max-tokens", "5", "--temperature", "0", "--dtype",
+                                     "float32"], input="hi there\n")
     assert piped.exit_code == 0 and piped.output == greedy_reply(llm, [{"role": "user", "content": "hi there"}],
                                                                  5) + "\n"
     raw = CliRunner().invoke(cli, ["run", str(checkpoint), "To be", "--raw", "--max-tokens", "5", "--temperature",
-                                   "0"])
+                                   "0", "--dtype", "float32"])
     expected = llm.generate("To be", SamplingParams(max_tokens=5, temperature=0))[0].text
     assert raw.exit_code == 0 and raw.output == expected + "\n"
 
@@ -117,7 +121,7 @@ class Terminal:
 
 
 def test_interactive_chat_in_a_pseudo_terminal(checkpoint, llm):
-    terminal = Terminal(str(checkpoint), "--max-tokens", "8", "--temperature", "0")
+    terminal = Terminal(str(checkpoint), "--max-tokens", "8", "--temperature", "0", "--dtype", "float32")
     try:
         assert "/bye" in terminal.read_until(">>> ")
         terminal.type("hello\n")
@@ -132,7 +136,151 @@ def test_interactive_chat_in_a_pseudo_terminal(checkpoint, llm):
         assert second.strip() and second in shown
         terminal.type("/clear\n")
         assert "Cleared" in terminal.read_until(">>> ")
+        terminal.type("/set parameter temperature warm\n")
+        assert "temperature takes a number" in terminal.read_until(">>> ")
+        terminal.type("/show info\n")
+        shown = terminal.read_until(">>> ")
+        assert "llama" in shown and "float32" in shown and "256" in shown
+        terminal.type("/?\n")
+        assert "/save NAME" in terminal.read_until(">>> ")
         terminal.type("/bye\n")
         assert terminal.process.wait(timeout=30) == 0
     finally:
         terminal.close()
+
+
+# -- the conversation: window, answer length, slash commands --------------------------------------------------------
+
+SYSTEM = "You are a terse test bot."
+
+
+def session_for(llm: LLM, **sampling) -> Session:
+    return Session(llm, sampling, None, raw=False, out=io.StringIO(), dtype="float32", device="cpu")
+
+
+def imported(checkpoint, name: str = "tiny") -> str:
+    from llmasos.library.importer import import_directory
+
+    import_directory(checkpoint, name)
+    return name
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(llm, capsys):
+    session = Session(llm, {"max_tokens": 8, "temperature": 0}, SYSTEM, raw=False, out=io.StringIO())
+    context = llm.engine.max_model_len
+    assert context == 256
+    filler = "the quick brown fox jumps over the lazy dog " * 3
+    notices = []
+    for turn in range(12):
+        session.ask(f"turn {turn}: {filler}")
+        assert session.last_params.max_tokens == 8  # every turn is answered with its full length
+        assert len(session.last_prompt_ids) + 8 <= context
+        notices += [line for line in capsys.readouterr().err.splitlines() if "dropped" in line]
+    assert "(dropped the 2 oldest messages to fit the 256-token context)" in notices
+    prompt = llm.tokenizer.decode(session.last_prompt_ids)
+    assert SYSTEM in prompt and "turn 11:" in prompt and "turn 0:" not in prompt
+    assert session.messages[0]["role"] == "user" and len(session.messages) < 24  # whole exchanges were dropped
+
+
+def test_a_message_that_cannot_fit_is_refused_and_the_session_goes_on(llm):
+    session = session_for(llm, max_tokens=4, temperature=0)
+    session.ask("hello")
+    before = list(session.messages)
+    with pytest.raises(ValueError, match="does not fit the model's 256-token context"):
+        session.ask("the quick brown fox " * 200)
+    assert session.messages == before  # nothing was dropped for a message that could not be answered
+    session.ask("hello again")
+    assert len(session.messages) == 4
+
+
+def test_the_default_answer_length_is_512_capped_by_the_context_or_the_modelfile(checkpoint, llm, tmp_path):
+    session = session_for(llm, temperature=0)
+    assert session.default_max_tokens() == 512
+    session.ask("the quick brown fox " * 24)  # ~ 200 prompt tokens: the answer gets the room that is left
+    assert session.last_params.max_tokens == llm.engine.max_model_len - len(session.last_prompt_ids) < 512
+    from llmasos.library.modelfile import create_model
+
+    create_model("short", f"FROM {imported(checkpoint)}\nPARAMETER num_predict 6\n")
+    with LLM.load("short", dtype="float32") as short:
+        session = session_for(short, temperature=0)
+        assert session.default_max_tokens() == 6
+        session.ask("hello")
+        assert session.last_params.max_tokens == 6
+        session.command("/set parameter max_tokens 3")  # the user's value wins over the Modelfile's
+        session.ask("hello")
+        assert session.last_params.max_tokens == 3
+
+
+def test_set_changes_the_next_answer_and_bad_values_are_refused(llm, capsys):
+    session = session_for(llm, max_tokens=4)
+    for command in ("/set parameter temperature 0.5", "/set parameter top_k 7", "/set parameter num_predict 5",
+                    "/set parameter seed 3", "/set parameter repeat_penalty 1.2", '/set parameter stop "a b" c',
+                    "/set system Speak like a pirate."):
+        assert session.command(command)
+    session.ask("hello")
+    params = session.last_params
+    assert (params.temperature, params.top_k, params.max_tokens, params.seed, params.repetition_penalty) == \
+        (0.5, 7, 5, 3, 1.2)
+    assert params.stop_strings == ["a b", "c"]
+    assert "Speak like a pirate." in llm.tokenizer.decode(session.last_prompt_ids)
+    capsys.readouterr()
+    before = dict(session.sampling)
+    for command, message in (("/set parameter temperature hot", "temperature takes a number"),
+                             ("/set parameter top_p 2", "top_p must be in (0, 1]"),
+                             ("/set parameter max_tokens 0", "max_tokens must be at least 1"),
+                             ("/set parameter beam_width 4", "unknown parameter 'beam_width'"),
+                             ("/set parameter seed", "seed needs a value"),
+                             ("/set colour blue", "usage: /set parameter NAME VALUE")):
+        session.command(command)
+        assert message in capsys.readouterr().err, command
+    assert session.sampling == before
+
+
+def test_show_prints_the_model_its_parameters_system_and_template(llm, capsys):
+    session = session_for(llm, temperature=0)
+    session.command("/set system Be brief.")
+    session.command("/show info")
+    info = capsys.readouterr().out
+    for expected in ("tiny-llama", "llama", "256", "float32", "cpu", "none"):
+        assert expected in info
+    session.command("/show parameters")
+    assert "temperature" in capsys.readouterr().out
+    session.command("/show system")
+    assert "Be brief." in capsys.readouterr().out
+    session.command("/show template")
+    assert "im_start" in capsys.readouterr().out
+    session.command("/show nothing")
+    assert "usage: /show" in capsys.readouterr().err
+
+
+def test_load_switches_models_and_a_bad_name_keeps_the_current_one(checkpoint, capsys):
+    first = LLM.load(checkpoint, dtype="float32")
+    session = session_for(first, max_tokens=3, temperature=0)
+    session.ask("hello")
+    session.command("/load no-such-model")
+    assert "no model named 'no-such-model'" in capsys.readouterr().err and session.llm is first
+    session.command(f"/load {imported(checkpoint)}")
+    assert session.llm is not first and session.llm.spec.name == "tiny" and session.messages == []
+    assert session.llm.dtype == torch.float32  # loaded as the session's model was
+    assert session.ask("hello") is not None
+    session.llm.close()
+
+
+def test_save_creates_a_library_model_with_the_system_prompt_and_parameters(checkpoint, llm, capsys):
+    session = session_for(llm)
+    session.command("/save mine")
+    assert "/save needs a library model" in capsys.readouterr().err  # a directory is imported first
+    with LLM.load(imported(checkpoint), dtype="float32") as tiny:
+        session = session_for(tiny)
+        for command in ("/set system You are a pirate.", "/set parameter temperature 0.3",
+                        "/set parameter num_predict 7", "/save Bad Name!"):
+            session.command(command)
+        assert "error" in capsys.readouterr().err
+        session.command("/save pirate")
+        assert "Created new model 'pirate'" in capsys.readouterr().out
+    from llmasos.spec import resolve_spec
+
+    spec = resolve_spec("pirate")
+    assert spec.system == "You are a pirate." and spec.sampling_defaults() == {"temperature": 0.3, "max_tokens": 7}
+    shown = CliRunner().invoke(cli, ["show", "pirate", "--modelfile"])
+    assert shown.exit_code == 0 and "You are a pirate." in shown.output and "temperature 0.3" in shown.output

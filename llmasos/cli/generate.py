@@ -10,8 +10,10 @@ import click
 @click.option("--max-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="float32, bfloat16, float16; auto: the checkpoint's, float32 ones in bfloat16 where supported.")
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, ...; auto: a CUDA GPU when there is one, else the CPU.")
 @click.argument("prompt", nargs=-1, required=True)
 def generate(model: str, max_tokens: int, temperature: float, seed: int | None, dtype: str, device: str,
              prompt: tuple[str, ...]) -> None:

@@ -155,7 +155,8 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
 
 
 def _summary(result, final: Path, seconds: float) -> None:
-    lines = [f"trained {result.parameters_text()} for {result.global_step} steps in {seconds:.1f}s "
+    steps = f"{result.global_step:,} step{'s' * (result.global_step != 1)}"
+    lines = [f"trained {result.parameters_text()} for {steps} in {seconds:.1f}s "
              f"({result.num_train_tokens:,} tokens)"]
     if result.train_loss is not None:
         lines.append(f"final train loss {result.train_loss:.4f}")

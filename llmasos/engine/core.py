@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -25,6 +26,7 @@ from llmasos.engine.protocol import (
 )
 from llmasos.engine.request import Request, RequestStatus
 from llmasos.engine.scheduler import Scheduler
+from llmasos.engine.structured_output import GrammarCompiler
 from llmasos.engine.validation import validate_prompt
 from llmasos.models import CausalLM
 from llmasos.models.packed_linear import packed_bytes
@@ -80,7 +82,8 @@ def load_for_engine(spec: ModelSpec) -> tuple[CausalLM, set[int]]:
 
 
 class EngineCore:
-    def __init__(self, model: CausalLM, eos_token_ids: set[int], options: EngineOptions | None = None) -> None:
+    def __init__(self, model: CausalLM, eos_token_ids: set[int], options: EngineOptions | None = None,
+                 tokenizer_json: str | Path | None = None) -> None:
         self.model = model
         self.eos_token_ids = set(eos_token_ids)
         self.options = options = options or EngineOptions()
@@ -104,7 +107,10 @@ class EngineCore:
                 raise ValueError(f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes)")
         self.kv = KVCacheManager(num_blocks, options.block_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv, dtype, device, options.enforce_eager, self.max_model_len)
+        # Structured output: grammars compiled here on first use (the tokenizer is only read then).
+        self.grammars = GrammarCompiler(tokenizer_json, model_config.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(model, self.kv, dtype, device, options.enforce_eager, self.max_model_len,
+                                  self.grammars)
         self.requests: dict[str, Request] = {}
         self._finished_unreported: list[Request] = []  # finished without a step (max_tokens=0, aborted mid-prefill)
         self._arrivals = itertools.count()
@@ -130,7 +136,7 @@ class EngineCore:
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> EngineCore:
         model, eos = load_for_engine(spec)
-        return cls(model, eos, spec.engine)
+        return cls(model, eos, spec.engine, spec.directory / "tokenizer.json")
 
     def _pack_weights(self) -> None:
         from llmasos.models.packed_linear import pack_linear_layers, packing_supported
@@ -147,6 +153,8 @@ class EngineCore:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         core_request = Request(request.request_id, request.prompt_token_ids, params, self.eos_token_ids,
                                request.index, next(self._arrivals))
+        if params.structured_outputs is not None:  # raises StructuredOutputError before anything is queued
+            core_request.matcher = self.grammars.matcher(params.structured_outputs)
         self.requests[request.request_id] = core_request
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             core_request.finish_reason = "length"
@@ -220,7 +228,7 @@ class EngineCore:
         return EngineCoreOutput(
             request.request_id, request.output_token_ids[start:],
             request.logprobs[start:] if request.logprobs is not None else None, request.finish_reason,
-            request.stop_reason, request.num_cached_tokens, prompt_logprobs)
+            request.stop_reason, request.num_cached_tokens, prompt_logprobs, request.stopped_by_grammar)
 
     def _fail_step(self, out, exc: Exception) -> StepFailure:
         """A forward that raised (out of memory, say) leaves its requests half computed and may have registered

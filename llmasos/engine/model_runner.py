@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from llmasos.engine.cuda_graphs import DecodeGraphs
 from llmasos.engine.kv_cache import KVCacheManager, allocate_kv_tensors
 from llmasos.engine.request import Request
 from llmasos.engine.sampler import sample
+from llmasos.engine.structured_output import GrammarCompiler
 from llmasos.models import CausalLM
 from llmasos.models.attention import AttentionMetadata, sdpa_backends
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device,
-                 enforce_eager: bool = False, max_model_len: int | None = None) -> None:
+                 enforce_eager: bool = False, max_model_len: int | None = None,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.model = model
+        self.grammars = grammars
+        # Structured output: compute the token bitmasks on a worker thread while the forward runs (llguidance drops
+        # the GIL); False computes them after the forward (see docs/performance.md for which is faster where).
+        self.overlap_masks = True
+        self._mask_worker: ThreadPoolExecutor | None = None
+        self.mask_seconds: list[float] = []  # per step with constrained rows: time to fill the bitmask (benchmarks)
         self.kv = kv
         self.device = device
         use_graphs = device.type == "cuda" and not enforce_eager and DecodeGraphs.supported(model)
@@ -59,6 +70,15 @@ class ModelRunner:
             if end == request.num_tokens and request.params.max_tokens > 0:
                 sampling_rows.append(len(input_ids) - 1)
                 sampling_requests.append(request)
+        # Constrained rows only; a batch without any pays nothing here.
+        constrained = [i for i, r in enumerate(sampling_requests) if r.matcher is not None]
+        masks = None
+        if constrained:
+            matchers = [sampling_requests[i].matcher for i in constrained]
+            if self.overlap_masks:
+                if self._mask_worker is None:
+                    self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="llmasos-masks")
+                masks = self._mask_worker.submit(self._fill_bitmask, matchers)
         device = self.device
         num_seqs = len(query_lens)
         if self.graphs is not None and len(input_ids) == num_seqs and self.graphs.fits(num_seqs, max(context_lens)):
@@ -75,8 +95,19 @@ class ModelRunner:
         if not sampling_requests:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(sampling_rows, device=device)])
-        token_ids, logprobs = sample(logits, sampling_requests)
+        bitmask = None
+        if constrained:
+            bitmask = masks.result() if masks is not None else self._fill_bitmask(matchers)
+        token_ids, logprobs = sample(logits, sampling_requests, (constrained, bitmask) if constrained else None)
         return list(zip(sampling_requests, token_ids, logprobs, strict=True))
+
+    def _fill_bitmask(self, matchers: list) -> torch.Tensor:
+        started = time.perf_counter()
+        bitmask = self.grammars.fill_bitmask(matchers)
+        self.mask_seconds.append(time.perf_counter() - started)
+        if len(self.mask_seconds) > 100_000:
+            del self.mask_seconds[:50_000]
+        return bitmask
 
     def _score_prompt(self, request: Request, hidden: torch.Tensor, position: int, count: int,
                       chunk: int = 512) -> None:

@@ -32,7 +32,8 @@ class Choice:
 
     def receive(self, output: EngineCoreOutput) -> None:
         """Add the engine's new tokens; a stop string found in the text finishes the choice at that token."""
-        ends_with_stop_token = output.finish_reason == "stop"
+        # EOS and stop tokens add no text; the last token of a completed grammar is text
+        ends_with_stop_token = output.finish_reason == "stop" and not output.stopped_by_grammar
         last = len(output.new_token_ids) - 1
         for position, token_id in enumerate(output.new_token_ids):
             self.token_ids.append(token_id)

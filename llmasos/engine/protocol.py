@@ -14,7 +14,11 @@ _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f
 
 
 def sampling_to_dict(params: SamplingParams) -> dict[str, Any]:
-    return {name: getattr(params, name) for name in _SAMPLING_FIELDS}
+    """Plain data (structured_outputs as its dict form); SamplingParams(**d) rebuilds the params on the other side."""
+    fields = {name: getattr(params, name) for name in _SAMPLING_FIELDS}
+    if params.structured_outputs is not None:
+        fields["structured_outputs"] = params.structured_outputs.to_dict()
+    return fields
 
 
 class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True):
@@ -51,6 +55,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     # Per prompt position: (log p of the prompt token, {token: logprob} of the top alternatives); position 0 is None.
     prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+    # finish_reason "stop" because the structured-output grammar is complete: the last token is text, not EOS
+    stopped_by_grammar: bool = False
 
 
 class EngineStats(msgspec.Struct, array_like=True):
@@ -97,11 +103,16 @@ class EngineInfo(msgspec.Struct, tag="ready", array_like=True):
     pid: int = 0
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if the engine could never run this prompt (see llmasos.engine.validation)."""
+        """Raise ValueError if the engine could never run this prompt (see llmasos.engine.validation), or
+        StructuredOutputError if its structured_outputs constraint cannot compile (checked before queueing)."""
         from llmasos.engine.validation import validate_prompt
 
         validate_prompt(token_ids, params.max_tokens, self.vocab_size, self.max_model_len, self.num_kv_blocks,
                         self.block_size)
+        if params.structured_outputs is not None:
+            from llmasos.engine.structured_output import check_constraint
+
+            check_constraint(params.structured_outputs)
 
 
 class EngineFailed(msgspec.Struct, tag="failed", array_like=True):

@@ -49,6 +49,10 @@ class Request:
         # Prompt logprobs (echo, scoring): entry i scores prompt token i; entry 0 is None. Filled chunk by chunk.
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.num_reported = 0  # output tokens already sent to the front end
+        # Structured output: an llguidance matcher that has consumed every output token (they survive preemption,
+        # so it never needs rolling back); the engine sets it from params.structured_outputs.
+        self.matcher = None
+        self.stopped_by_grammar = False
 
     @property
     def num_tokens(self) -> int:
@@ -81,8 +85,17 @@ class Request:
         if token_id in self.eos_token_ids or token_id in self.params.stop_token_ids:
             self.finish_reason = "stop"
             self.stop_reason = token_id if token_id in self.params.stop_token_ids else None
+        elif self.matcher is not None and self._grammar_complete(token_id):
+            self.finish_reason = "stop"
+            self.stopped_by_grammar = True
         elif len(self.output_token_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
+
+    def _grammar_complete(self, token_id: int) -> bool:
+        """Advance the matcher; True when the grammar admits nothing more (the output is complete)."""
+        if not self.matcher.consume_token(token_id):  # cannot happen for a masked token; end rather than go on
+            return True
+        return self.matcher.is_stopped()
 
     def reset_for_recompute(self) -> None:
         """After preemption: the KV state is gone; all tokens, outputs included, are prefilled again."""

@@ -1,20 +1,26 @@
-"""Batched sampling with per-request parameters: logit bias, penalties, min_tokens, temperature, top-k, top-p,
-min-p, greedy, and seeded draws that do not depend on the rest of the batch."""
+"""Batched sampling with per-request parameters: logit bias, penalties, min_tokens, structured-output token masks,
+temperature, top-k, top-p, min-p, greedy, and seeded draws that do not depend on the rest of the batch."""
 
 from __future__ import annotations
 
 import torch
 
 from llmasos.engine.request import Request
+from llmasos.engine.structured_output import apply_bitmask
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits (batch, vocab) float32, one row per request -> chosen token ids and, where asked, their logprobs."""
+def sample(logits: torch.Tensor, requests: list[Request], masks: tuple[list[int], torch.Tensor] | None = None
+           ) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits (batch, vocab) float32, one row per request -> chosen token ids and, where asked, their logprobs.
+    `masks`: (rows, packed int32 bitmask with one row each) of the structured-output requests; every way of choosing
+    (greedy, temperature, top-k/p, min-p) then picks among the allowed tokens only. Logprobs stay the model's."""
     batch, vocab = logits.shape
     device = logits.device
     want_logprobs = [r.params.logprobs is not None for r in requests]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     logits = _apply_processors(logits.clone(), requests, vocab)
+    if masks is not None:
+        apply_bitmask(logits, *masks)
 
     temperatures = [r.params.temperature for r in requests]
     greedy = [t == 0 for t in temperatures]

@@ -1,5 +1,6 @@
 """The one check of a prompt against a model and its engine: vocabulary, context length, KV-cache size. The engine,
-`LLM`, the server and scoring all call `validate_prompt`; the server maps its error types to OpenAI error codes."""
+`LLM`, the server and scoring all call `validate_prompt`; the server maps its error types to OpenAI error codes.
+Structured-output constraints that cannot compile raise StructuredOutputError (llmasos.engine.structured_output)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ class ContextLengthError(PromptError):
 
 class CacheTooSmallError(PromptError):
     pass
+
+
+class StructuredOutputError(ValueError):
+    """A structured-output constraint (JSON schema, regex, choice, grammar) that is invalid, unsupported or too
+    costly to compile; raised before the request is queued (the server answers 400 with this message)."""
+
+
+class StructuredOutputTimeoutError(StructuredOutputError):
+    """The constraint did not compile within the time limit."""
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int) -> None:

@@ -185,7 +185,16 @@ def create_model(name: str, modelfile_text: str, relative_to: Path | None = None
     check_name(name)
     if len(modelfile_text.encode("utf-8", errors="replace")) > MAX_MODELFILE_BYTES:
         raise LibraryError("the Modelfile is larger than 1 MiB")
-    modelfile = parse_modelfile(modelfile_text)
+    return create_from_modelfile(name, parse_modelfile(modelfile_text), relative_to)
+
+
+def create_from_modelfile(name: str, modelfile: Modelfile, relative_to: Path | None = None) -> LibraryModel:
+    """Create `name` from a Modelfile already parsed or built in code (`llmasos run`'s /save); values are checked
+    here as `parse_modelfile` checks them."""
+    check_name(name)
+    if not is_valid_name(modelfile.base):
+        raise LibraryError(f"FROM {modelfile.base!r}: FROM takes the name of a library model")
+    _check_values(modelfile)
     if modelfile.base == name:
         raise LibraryError(f"a model cannot be created FROM itself ({name!r})")
     if "quantization" in modelfile.parameters:

@@ -127,12 +127,13 @@ def _write_quantized(base_directory: Path, config_json: dict, adapters: list[Pat
     into `staged`; returns their sha256 by relative path."""
     import torch
 
-    from llmasos.models.loader import load_model
+    from llmasos.models.loader import checkpoint_dtype, load_model, read_config, weight_files
     from llmasos.models.quantized_checkpoint import save_quantized
     from llmasos.train.lora import apply_adapter
 
     try:
-        model, _ = load_model(base_directory, dtype="auto", device="cpu")
+        stored = checkpoint_dtype(read_config(base_directory), weight_files(base_directory))  # not "auto": no bf16 cast
+        model, _ = load_model(base_directory, dtype=stored, device="cpu")
         with torch.no_grad():
             for adapter in adapters:
                 apply_adapter(model, adapter)

@@ -4,6 +4,7 @@ Weights are read only from safetensors; pickle checkpoints are refused without b
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -127,17 +128,52 @@ def check_safetensors(file: Path) -> dict[str, dict]:
     return header
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, files: list[Path]) -> torch.dtype:
+def checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
+    """The dtype the checkpoint is stored in: config.json's torch_dtype, else that of its first tensor."""
+    if config.torch_dtype in DTYPES:
+        return DTYPES[config.torch_dtype]
+    with safe_open(files[0], framework="pt") as handle:
+        for key in handle.keys():
+            found = handle.get_slice(key).get_dtype()
+            return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(found, torch.float32)
+    return torch.float32
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (the avx512_bf16 or amx_bf16 flag of /proc/cpuinfo). Without it
+    bf16 matmuls are emulated and slower than float32; AMX is not required (it faults in some VMs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no reliable flag, stay with float32
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
+    return False
+
+
+def device_supports_bf16(device: str | torch.device) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_supports_bf16()
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, files: list[Path],
+                  device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype to run in. Explicit dtypes are kept. "auto" (vLLM's rule): a checkpoint stored in bfloat16 or
+    float16 keeps its dtype; a float32 one runs in bfloat16 where `device` supports it (a CUDA GPU with bf16, a CPU
+    with avx512_bf16 / amx_bf16), else in float16 on CUDA and float32 on a CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if config.torch_dtype in DTYPES:
-            return DTYPES[config.torch_dtype]
-        with safe_open(files[0], framework="pt") as handle:
-            for key in handle.keys():
-                found = handle.get_slice(key).get_dtype()
-                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(found, torch.float32)
-        return torch.float32
+        stored = checkpoint_dtype(config, files)
+        if stored != torch.float32:
+            return stored
+        if device_supports_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -193,8 +229,8 @@ def instantiate(cls, config, directory: Path, dtype: str | torch.dtype, device: 
     headers = {file: check_safetensors(file) for file in files}
     if configure is not None:
         configure(config, headers)
-    torch_dtype = resolve_dtype(dtype, config, files)
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, config, files, device)
     with torch.device("meta"):
         model = cls(config)
     model.to(torch_dtype)

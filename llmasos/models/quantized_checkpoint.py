@@ -122,8 +122,8 @@ def load_quantized(cls, config, directory: Path, dtype, device, method: str, gro
 
     files = weight_files(directory)
     headers = {file: check_safetensors(file) for file in files}
-    torch_dtype = resolve_dtype(dtype, config, files)
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, config, files, device)
     where = {name: file for file, header in headers.items() for name in header}
     with torch.device("meta"):
         model = cls(config)

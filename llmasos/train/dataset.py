@@ -6,6 +6,7 @@ padding of a batch into the flat layout the native models take."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -163,8 +164,10 @@ def end_of_turn_token_id(tokenizer: Tokenizer) -> int | None:
 
 
 class DataOrder:
-    """Which examples each optimizer step trains on: a seeded permutation per epoch, read as one endless stream,
-    so every step's batch is full and the position in the data is just the step number (exact resume)."""
+    """Which examples each optimizer step trains on: a seeded permutation per epoch, cut into global batches, the
+    last one short when the batch does not divide the epoch (a DataLoader without drop_last). An epoch is
+    ceil(examples / global batch) steps that see every example once, and the position in the data is just the step
+    number (exact resume)."""
 
     def __init__(self, num_examples: int, seed: int) -> None:
         self.num_examples = num_examples
@@ -179,21 +182,31 @@ class DataOrder:
             self._permutations = {epoch: permutation}  # steps move forward: keep only the current epoch
         return permutation
 
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return max(1, math.ceil(self.num_examples / global_batch))
+
     def step_indices(self, step: int, global_batch: int) -> list[int]:
-        """The global batch of example indices of optimizer step `step` (0-based)."""
-        indices = []
-        for position in range(step * global_batch, (step + 1) * global_batch):
-            epoch, offset = divmod(position, self.num_examples)
-            indices.append(self._permutation(epoch)[offset])
-        return indices
+        """The global batch of example indices of optimizer step `step` (0-based); short at the end of an epoch."""
+        epoch, index = divmod(step, self.steps_per_epoch(global_batch))
+        return self._permutation(epoch)[index * global_batch:(index + 1) * global_batch]
+
+    def epochs_done(self, num_steps: int, global_batch: int) -> float:
+        """Passes over the data after `num_steps` steps: 2.5 is two epochs and half of the third."""
+        epoch, index = divmod(num_steps, self.steps_per_epoch(global_batch))
+        return epoch + index * global_batch / self.num_examples
 
 
 def rank_micro_batches(indices: list[int], world_size: int, rank: int, per_device: int,
                        accumulation_steps: int) -> list[list[int]]:
-    """Split one step's global batch: micro-batch m of rank r is slice (m * world_size + r) of the batch."""
-    assert len(indices) == world_size * per_device * accumulation_steps
-    return [indices[(m * world_size + rank) * per_device:(m * world_size + rank + 1) * per_device]
-            for m in range(accumulation_steps)]
+    """Split one step's global batch into world_size * accumulation_steps contiguous slots, micro-batch m of rank r
+    being slot m * world_size + r. A full batch gives every slot per_device examples; a short one (an epoch's last)
+    is spread as evenly as it goes, so some slots may be empty."""
+    num_slots = world_size * accumulation_steps
+    assert len(indices) <= num_slots * per_device
+    size, extra = divmod(len(indices), num_slots)
+    bounds = [slot * size + min(slot, extra) for slot in range(num_slots + 1)]
+    slots = [m * world_size + rank for m in range(accumulation_steps)]
+    return [indices[bounds[slot]:bounds[slot + 1]] for slot in slots]
 
 
 def collate(examples: list[Example], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,9 +32,11 @@ class DistContext:
 
 
 def choose_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+    """The training device: "auto" follows llmasos.spec.resolve_device; a CUDA device without an index is this
+    process's GPU (LOCAL_RANK)."""
+    from llmasos.spec import resolve_device
+
+    device = torch.device(resolve_device(requested))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu' or 'auto'")

@@ -104,9 +104,10 @@ def make_optimizer(module: nn.Module, args: TrainingArguments) -> torch.optim.Op
 
 
 def total_steps_for(args: TrainingArguments, num_examples: int, global_batch: int) -> int:
+    """max_steps, else num_train_epochs times ceil(examples / global batch) steps (transformers' count)."""
     if args.max_steps > 0:
         return args.max_steps
-    return max(1, math.ceil(args.num_train_epochs * num_examples / global_batch))
+    return max(1, math.ceil(args.num_train_epochs * DataOrder(num_examples, 0).steps_per_epoch(global_batch)))
 
 
 @torch.no_grad()
@@ -140,11 +141,12 @@ class Loop:
     def __init__(self, module: nn.Module, wrapped: nn.Module, args: TrainingArguments, ctx: DistContext,
                  train_examples: list[Example], eval_examples: list[Example] | None, pad_id: int,
                  write_model: Callable[[Path, dict[str, torch.Tensor]], None],
-                 reporter_factory: Callable[[int, int], Reporter]) -> None:
+                 reporter_factory: Callable[[int, int], Reporter], num_records: int | None = None) -> None:
         self.module, self.wrapped, self.args, self.ctx = module, wrapped, args, ctx
         self.train_examples, self.eval_examples, self.pad_id = train_examples, eval_examples, pad_id
         self.write_model = write_model  # (directory, model_state) -> None, rank 0: the loadable model part
         self.reporter_factory = reporter_factory
+        self.num_records = num_records  # the records the examples were built from (texts are packed into blocks)
         self.global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * ctx.world_size
         self.total_steps = total_steps_for(args, len(train_examples), self.global_batch)
         self.optimizer = make_optimizer(module, args)
@@ -201,6 +203,7 @@ class Loop:
         args, ctx = self.args, self.ctx
         order = DataOrder(len(self.train_examples), args.seed)
         reporter: Reporter = self.reporter_factory(self.total_steps, start_step)
+        reporter.message(self.plan(order))
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.bf16)
         is_ddp = hasattr(self.wrapped, "no_sync")
         # On CPU, an intra-op team wider than the idle cores stalls at every barrier; OMP_NUM_THREADS still wins.
@@ -221,21 +224,29 @@ class Loop:
                 indices = order.step_indices(step, self.global_batch)
                 micro = rank_micro_batches(indices, ctx.world_size, ctx.rank, args.per_device_train_batch_size,
                                            args.gradient_accumulation_steps)
-                batches = [collate([self.train_examples[i] for i in part], self.pad_id, ctx.device) for part in micro]
+                if ctx.world_size == 1:  # an epoch's short last batch leaves slots empty: nothing to run for them
+                    micro = [part for part in micro if part]
+                # Under DDP / FSDP every rank runs each micro-batch (their collectives must pair up): a rank with
+                # an empty slot runs a zero-weight forward, as evaluate_loss does.
+                weights = [1.0 if part else 0.0 for part in micro]
+                batches = [collate([self.train_examples[i] for i in part or [0]], self.pad_id, ctx.device)
+                           for part in micro]
                 seen = sum(len(self.train_examples[i].input_ids) for part in micro for i in part)
-                local_targets = sum(count_loss_tokens(labels) for _, labels in batches)
+                local_targets = sum(count_loss_tokens(labels)
+                                    for (_, labels), weight in zip(batches, weights, strict=True) if weight)
                 step_targets, step_seen = all_reduce_sum(ctx, [local_targets, seen])
                 scale = ctx.world_size / step_targets
                 step_loss = 0.0
-                for index, (input_ids, labels) in enumerate(batches):
+                for index, ((input_ids, labels), weight) in enumerate(zip(batches, weights, strict=True)):
                     last = index == len(batches) - 1
                     sync = contextlib.nullcontext() if (last or not is_ddp) else self.wrapped.no_sync()
                     with sync:
                         with autocast:
-                            loss_sum = self.wrapped(input_ids, labels)
+                            loss_sum = self.wrapped(input_ids, labels) * weight
                         (loss_sum * scale).backward()
                     step_loss += float(loss_sum.detach())
                 grad_norm = self._clip()
+                learning_rate = self.scheduler.get_last_lr()[0]  # this step's; after step() it is the next one's
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -248,8 +259,8 @@ class Loop:
                 if done % args.logging_steps == 0 or done == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     last_loss = window_loss / max(window_tokens, 1)
-                    record = {"step": done, "epoch": round(done * self.global_batch / len(self.train_examples), 4),
-                              "loss": last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
+                    record = {"step": done, "epoch": round(order.epochs_done(done, self.global_batch), 4),
+                              "loss": last_loss, "learning_rate": learning_rate,
                               "grad_norm": grad_norm, "tokens_per_second": window_seen / max(elapsed, 1e-9)}
                     self.log_history.append(record)
                     reporter.log(record)
@@ -271,6 +282,15 @@ class Loop:
                            eval_perplexity=None if eval_loss is None else math.exp(min(eval_loss, 700)),
                            num_train_tokens=total_seen, train_seconds=time.perf_counter() - started,
                            num_examples=len(self.train_examples), log_history=list(self.log_history))
+
+    def plan(self, order: DataOrder) -> str:
+        """e.g. '20 records, 2 examples: 1 step per epoch of a global batch of 8, 1 step in all'."""
+        num_examples = len(self.train_examples)
+        steps = order.steps_per_epoch(self.global_batch)
+        records = f"{self.num_records:,} records, " if self.num_records is not None else ""
+        return (f"{records}{num_examples:,} example{'s' * (num_examples != 1)}: {steps:,} step"
+                f"{'s' * (steps != 1)} per epoch of a global batch of {self.global_batch}, {self.total_steps:,} "
+                f"step{'s' * (self.total_steps != 1)} in all")
 
     def _clip(self) -> float:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")

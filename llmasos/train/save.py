@@ -22,6 +22,25 @@ ARCHITECTURES = {
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def stored_dtype(config: ModelConfig, directory: Path) -> torch.dtype | None:
+    """The dtype a checkpoint is stored in (config.json's dtype, else its first tensor's); None if neither says."""
+    from safetensors import safe_open
+
+    from llmasos.models.loader import DTYPES, weight_files
+
+    if config.torch_dtype in DTYPES:
+        return DTYPES[config.torch_dtype]
+    try:
+        files = weight_files(directory)
+        with safe_open(str(files[0]), framework="pt") as handle:
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype)
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig,
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A model's state dict under Hugging Face names (ours already are HF's): the tied output head left out as HF

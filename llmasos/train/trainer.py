@@ -31,7 +31,7 @@ from llmasos.train.distributed import DistContext, full_state_dicts, setup, wrap
 from llmasos.train.initialize import complete_config, init_weights
 from llmasos.train.loop import Loop, LossModule, TrainResult, count_parameters, evaluate_loss
 from llmasos.train.reporting import Reporter
-from llmasos.train.save import DTYPE_NAMES, export_model
+from llmasos.train.save import DTYPE_NAMES, export_model, stored_dtype
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
 
@@ -46,6 +46,9 @@ class LLMTrainer:
         self.source = source
         self.spec = spec  # the model this one was loaded from (None when initialised from scratch)
         self.generation_config = dict(generation_config or {})
+        # The dtype the source checkpoint is stored in: a saved model keeps it (a bf16 base gives a bf16 merged
+        # model, not one twice its size) while training computes in float32. None: from scratch, keep the weights'.
+        self.save_dtype: torch.dtype | None = None
         self.lora_settings: dict[str, Any] | None = None
         self.state: TrainResult | None = None
         self._is_main = True
@@ -74,8 +77,10 @@ class LLMTrainer:
         if spec.template is not None:
             tokenizer.chat_template = spec.template
         source = str(model) if not isinstance(model, ModelSpec) else spec.name if spec.library else spec.path
-        return cls(weights, tokenizer, source=source, spec=spec,
-                   generation_config=read_json_file(spec.directory / "generation_config.json", required=False))
+        trainer = cls(weights, tokenizer, source=source, spec=spec,
+                      generation_config=read_json_file(spec.directory / "generation_config.json", required=False))
+        trainer.save_dtype = stored_dtype(weights.config, Path(spec.path))
+        return trainer
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | ModelConfig | str | Path, tokenizer: Tokenizer | str | Path,
@@ -154,7 +159,8 @@ class LLMTrainer:
         loop = Loop(module, wrapped, args, ctx, train_examples, eval_examples, self._pad_id(),
                     write_model=self._write_checkpoint_model,
                     reporter_factory=lambda total, start: Reporter(output_dir, total, start, ctx.is_main,
-                                                                   args.progress_bar))
+                                                                   args.progress_bar),
+                    num_records=report.num_records)
         start_step = 0
         if resume_dir is not None:
             start_step = loop.resume(resume_dir, self._read_checkpoint_model(resume_dir))
@@ -221,11 +227,12 @@ class LLMTrainer:
     def save_pretrained(self, out_dir: str | Path, merge: bool = False, dtype: str | torch.dtype | None = None) -> Path:
         """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer, chat template,
         generation_config.json). After LoRA training: the PEFT adapter (adapter_config.json +
-        adapter_model.safetensors), or with merge=True the merged full model. Only rank 0 writes."""
+        adapter_model.safetensors), or with merge=True the merged full model. The weights are stored in `dtype`,
+        by default the dtype of the checkpoint this model was loaded from. Only rank 0 writes."""
         out = Path(out_dir)
         if not self._is_main:
             return out
-        torch_dtype = _as_dtype(dtype) if dtype is not None else None
+        torch_dtype = _as_dtype(dtype) if dtype is not None else self.save_dtype
         if self.lora_settings and not merge:
             out.mkdir(parents=True, exist_ok=True)
             self._write_adapter(out, self.model.state_dict())

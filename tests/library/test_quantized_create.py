@@ -55,8 +55,8 @@ def test_created_quantized_model_reloads_as_quantized_at_load(cli, workdir, chec
     paths = {entry["path"] for entry in quantized["files"]}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= paths
 
-    stored, _ = load_model(quantized["path"])
-    at_load, _ = load_model(checkpoint, quantization=method, group_size=group_size)
+    stored, _ = load_model(quantized["path"], dtype="float32")
+    at_load, _ = load_model(checkpoint, dtype="float32", quantization=method, group_size=group_size)
     assert torch.equal(logits_of(stored), logits_of(at_load))
     text = cli("show", "tiny-q").stdout
     assert f"quantized   {shown} (output head int8)" in text and "weights" in text
@@ -90,13 +90,13 @@ def test_adapter_is_merged_before_quantizing(cli, workdir, checkpoint):
     assert result.exit_code == 0, result.output
     data = show(cli, "tuned-q")
     assert data["adapter"] is None  # merged into the stored weights
-    expected, _ = load_model(checkpoint)
+    expected, _ = load_model(checkpoint, dtype="float32")
     with torch.no_grad():
         apply_adapter(expected, workdir / "lora")
     quantize_model(expected, "int8")
-    stored, _ = load_model(data["path"])
+    stored, _ = load_model(data["path"], dtype="float32")
     assert torch.equal(logits_of(stored), logits_of(expected))
-    unmerged, _ = load_model(checkpoint, quantization="int8")
+    unmerged, _ = load_model(checkpoint, dtype="float32", quantization="int8")
     assert not torch.allclose(logits_of(stored), logits_of(unmerged), atol=1e-2)
 
 

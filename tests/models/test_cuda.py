@@ -66,3 +66,11 @@ def test_cuda_graph_decode_equals_eager(tmp_path, family):
         assert a.token_ids == b.token_ids
         for token, x, y in zip(a.token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             assert abs(x[token] - y[token]) < 1e-3
+
+
+def test_auto_picks_the_gpu_and_its_bfloat16(tmp_path):
+    make_checkpoint(tmp_path, family_config("qwen2"))  # stored in float32
+    llm = LLM.load(tmp_path)
+    assert llm.device.type == "cuda"
+    assert llm.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    assert llm.generate("To be", SamplingParams(max_tokens=4, temperature=0))[0].token_ids

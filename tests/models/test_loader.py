@@ -17,7 +17,7 @@ from support import family_config, make_checkpoint
 from llmasos import LLM, ModelLoadError
 from llmasos.models import MODEL_FAMILIES
 from llmasos.models.attention import AttentionMetadata
-from llmasos.models.loader import load_model
+from llmasos.models.loader import cpu_supports_bf16, load_model
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +306,32 @@ def test_legacy_rope_keys_load_the_same_as_rope_parameters(tmp_path):
     assert torch.allclose(results["rope_parameters"], expected, atol=1e-4, rtol=0)
     default_theta, _ = load_model(base, dtype="float32")  # theta 10000: a loader ignoring the keys would match this
     assert not torch.allclose(logits_of(default_theta, PROBE), results["rope_parameters"], atol=1e-3)
+
+
+# -- dtype "auto" ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no avx512_bf16 / amx_bf16: auto stays float32")
+def test_a_float32_checkpoint_runs_in_bfloat16_under_auto_on_a_bf16_cpu(pristine):
+    assert json.loads((pristine / "config.json").read_text())["dtype"] == "float32"
+    model, _ = load_model(pristine, dtype="auto", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert LLM.load(pristine).dtype == torch.bfloat16  # the default of LLM.load is auto
+
+
+def test_auto_keeps_float32_on_a_cpu_without_bf16(pristine, monkeypatch):
+    monkeypatch.setattr("llmasos.models.loader.cpu_supports_bf16", lambda: False)
+    model, _ = load_model(pristine, dtype="auto", device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_an_explicit_dtype_is_kept(pristine):
+    model, _ = load_model(pristine, dtype="float32", device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    assert LLM.load(pristine, dtype="float32").dtype == torch.float32
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_a_half_precision_checkpoint_keeps_its_dtype_under_auto(tmp_path, stored):
+    make_checkpoint(tmp_path, family_config("qwen2", num_hidden_layers=1), dtype=stored)
+    model, _ = load_model(tmp_path, dtype="auto", device="cpu")
+    assert next(model.parameters()).dtype == stored

@@ -124,3 +124,23 @@ def test_usage_errors(tiny_gpt2, tmp_path):
     bad_recipe.write_text("modle: x\n")
     result = invoke("--config", bad_recipe)
     assert result.exit_code == 1 and "unknown recipe key(s) modle" in result.output
+
+
+def test_lora_on_a_bf16_base_saves_a_bf16_model(tmp_path):
+    """Issue 13: OUTPUT/final of a LoRA run on a bf16 base was float32, twice the base's size."""
+    from safetensors import safe_open
+    from support import family_config, make_checkpoint
+
+    base = tmp_path / "base"
+    make_checkpoint(base, family_config("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2), dtype=torch.bfloat16)
+    data = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2+2=", "completion": "4"}] * 4)
+    result = invoke("--model", base, "--data", data, "--output", tmp_path / "run", "--method", "lora",
+                    "--max-steps", 2, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(final / "model.safetensors", framework="pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.bfloat16}
+    assert (final / "model.safetensors").stat().st_size <= 1.01 * (base / "model.safetensors").stat().st_size
+    assert LLM.load(final).dtype in (torch.bfloat16, torch.float32)

@@ -152,14 +152,22 @@ def test_hold_out_splits_text_at_a_line_and_records_at_the_end():
     assert [r.text for r in evaluation] == ["18", "19"] and len(train) == 18
 
 
-def test_data_order_is_a_seeded_stream_of_permutations():
+def test_data_order_is_seeded_permutations_cut_into_batches():
     order = DataOrder(5, seed=3)
     first_epoch = order.step_indices(0, 5)
     assert sorted(first_epoch) == list(range(5))
-    stream = [i for step in range(4) for i in DataOrder(5, seed=3).step_indices(step, 3)]
-    assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))
-    assert DataOrder(5, seed=3).step_indices(2, 3) == stream[6:9]  # the position is the step: exact resume
+    # An epoch is ceil(5 / 3) = 2 steps, the second one short (no example repeated or dropped within an epoch).
+    steps = [DataOrder(5, seed=3).step_indices(step, 3) for step in range(4)]
+    assert [len(batch) for batch in steps] == [3, 2, 3, 2] and order.steps_per_epoch(3) == 2
+    assert sorted(steps[0] + steps[1]) == list(range(5)) and sorted(steps[2] + steps[3]) == list(range(5))
+    assert DataOrder(5, seed=3).step_indices(2, 3) == steps[2]  # the position is the step: exact resume
+    assert [order.epochs_done(n, 3) for n in range(5)] == [0, 0.6, 1, 1.6, 2]
+    assert DataOrder(2, seed=3).step_indices(0, 8) == DataOrder(2, seed=3).step_indices(0, 2)  # never 4 passes
     assert DataOrder(5, seed=4).step_indices(0, 5) != first_epoch
     # Two ranks with two micro-batches each cover the global batch exactly once.
     parts = [rank_micro_batches(list(range(8)), 2, rank, 2, 2) for rank in (0, 1)]
     assert sorted(i for rank in parts for micro in rank for i in micro) == list(range(8))
+    assert parts[0] == [[0, 1], [4, 5]]
+    # A short batch is spread over the slots as evenly as it goes; extra slots are empty.
+    short = [rank_micro_batches(list(range(3)), 2, rank, 2, 2) for rank in (0, 1)]
+    assert short == [[[0], [2]], [[1], []]]

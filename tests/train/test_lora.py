@@ -123,3 +123,39 @@ def test_full_fine_tuning_trains_every_parameter(tiny_qwen2, tmp_path):
     total = model.model.num_parameters()  # tied embeddings counted once
     assert (result.num_trainable_parameters, result.num_parameters) == (total, total)
     assert result.parameters_text().endswith("parameters (100%)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merged_export_keeps_the_base_checkpoints_dtype(dtype, tmp_path):
+    """Issue 13: a merged LoRA model of a bf16 base was saved in float32, twice the base's size. Training computes in
+    float32; the export is stored like its base (config dtype and every tensor), and transformers loads it."""
+    from safetensors import safe_open
+    from support import family_config, make_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    make_checkpoint(base_dir, family_config("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, rope_scaling=None),
+                    dtype=dtype)
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    assert json.loads((base_dir / "config.json").read_text())["dtype"] == name
+    model = LLMTrainer.from_pretrained(base_dir)
+    assert next(model.model.parameters()).dtype == torch.float32  # float32 master weights while training
+    model.train(TEXT, args=lora_args(tmp_path))
+    merged = model.save_pretrained(tmp_path / "merged", merge=True)
+
+    config = json.loads((merged / "config.json").read_text())
+    assert config["dtype"] == name and config["torch_dtype"] == name
+    with safe_open(merged / "model.safetensors", framework="pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} == {dtype}
+    base_size, merged_size = ((d / "model.safetensors").stat().st_size for d in (base_dir, merged))
+    assert abs(merged_size - base_size) < 0.01 * base_size
+    loaded = AutoModelForCausalLM.from_pretrained(merged)
+    assert loaded.dtype == dtype
+    ours = our_logits(model.model)  # the trained (unmerged, float32) model
+    assert torch.allclose(transformers_logits(merged), ours, atol=0.15, rtol=0)  # rounding to 16 bits only
+    assert not torch.allclose(transformers_logits(merged), transformers_logits(base_dir), atol=1e-3)
+
+    # an explicit dtype still wins, and a float32 base stays float32
+    assert json.loads((model.save_pretrained(tmp_path / "f32", merge=True, dtype="float32") / "config.json")
+                      .read_text())["dtype"] == "float32"

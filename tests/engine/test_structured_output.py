@@ -1,0 +1,230 @@
+"""Structured output in the engine: a tiny random model, constrained by llguidance token masks, always produces
+output that parses and validates (JSON schemas, regex, choice, json_object, Lark grammars); constraints that cannot
+compile are refused before anything is queued; unconstrained neighbours, preemption, n > 1 and the engine process
+are unaffected."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import msgspec
+import pytest
+from json_schemas import SCHEMAS
+
+from llmasos import LLM, SamplingParams
+from llmasos.engine.core import EngineCore
+from llmasos.engine.protocol import EngineCoreRequest, input_decoder, input_encoder, sampling_to_dict
+from llmasos.engine.structured_output import check_constraint
+from llmasos.engine.validation import StructuredOutputError, StructuredOutputTimeoutError
+from llmasos.sampling_params import StructuredOutputsParams
+
+NUM_SAMPLES = 20
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=400, max_num_seqs=64)
+
+
+def sampled(constraint: dict, n: int = NUM_SAMPLES, seed: int = 0, max_tokens: int = 160, **kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, n=n, structured_outputs=constraint,
+                          **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_sampled_outputs_parse_and_validate_against_each_json_schema(llm, name):
+    schema = SCHEMAS[name]
+    output = llm.generate("Give me JSON:", sampled({"json": schema}, seed=hash(name) % 1000))[0]
+    assert len(output.outputs) == NUM_SAMPLES
+    texts = set()
+    for choice in output.outputs:
+        assert choice.finish_reason == "stop", choice.text
+        jsonschema.validate(json.loads(choice.text), schema)
+        texts.add(choice.text)
+    assert len(texts) > 1  # each of the n sequences has its own matcher and draws
+
+
+def test_a_schema_given_as_a_string_is_the_same_constraint(llm):
+    schema = SCHEMAS["person"]
+    as_dict = llm.generate("x", sampled({"json": schema}, n=3, seed=4))[0]
+    as_text = llm.generate("x", sampled({"json": json.dumps(schema)}, n=3, seed=4))[0]
+    assert [c.text for c in as_dict.outputs] == [c.text for c in as_text.outputs]
+
+
+def test_regex_and_choice_outputs_always_match(llm):
+    pattern = r"[a-z]{2,5}-\d{1,3}( [A-Z][a-z]{1,4})?"
+    output = llm.generate("Code:", sampled({"regex": pattern}, seed=1))[0]
+    for choice in output.outputs:
+        assert re.fullmatch(pattern, choice.text), choice.text
+        assert choice.finish_reason == "stop"
+    options = ["yes", "no", "maybe so", 'say "hi"\n']
+    output = llm.generate("Answer:", sampled({"choice": options}, seed=2))[0]
+    assert {c.text for c in output.outputs} <= set(options)
+    assert len({c.text for c in output.outputs}) > 1
+    greedy = llm.generate("Answer:", SamplingParams(max_tokens=20, temperature=0,
+                                                     structured_outputs={"choice": options}))[0]
+    assert greedy.outputs[0].text in options and greedy.outputs[0].finish_reason == "stop"
+
+
+def test_json_object_always_parses_to_an_object(llm):
+    # Any object admits strings of any length, which a random model never closes: favour the closing characters.
+    closing = {llm.tokenizer.encode(c)[-1]: 4.0 for c in ('"', "}")}
+    output = llm.generate("JSON:", sampled({"json_object": True}, seed=3, max_tokens=300, logit_bias=closing))[0]
+    for choice in output.outputs:
+        assert choice.finish_reason == "stop", choice.text
+        assert isinstance(json.loads(choice.text), dict)
+
+
+def test_a_lark_grammar_is_enforced(llm):
+    grammar = 'start: "(" expr ")"\nexpr: NUMBER (OP NUMBER)*\nNUMBER: /[0-9]{1,3}/\nOP: "+" | "-" | "*"\n'
+    output = llm.generate("Math:", sampled({"grammar": grammar}, seed=5))[0]
+    for choice in output.outputs:
+        assert re.fullmatch(r"\([0-9]{1,3}([-+*][0-9]{1,3})*\)", choice.text), choice.text
+
+
+def test_temperature_top_p_top_k_and_greedy_all_respect_the_mask(llm):
+    schema = SCHEMAS["enums"]
+    for extra in (dict(temperature=0), dict(temperature=1.5, top_p=0.5), dict(temperature=0.7, top_k=5),
+                  dict(temperature=1.0, min_p=0.1)):
+        params = SamplingParams(max_tokens=80, seed=7, n=4 if extra["temperature"] else 1,
+                                structured_outputs={"json": schema}, **extra)
+        for choice in llm.generate("Pick:", params)[0].outputs:
+            jsonschema.validate(json.loads(choice.text), schema)
+
+
+def test_unconstrained_requests_in_a_mixed_batch_are_identical_to_running_alone(llm):
+    prompts = ["The quick brown fox", "To be, or not to be", "operating systems schedule", "héllo wörld"]
+    free = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, free)]
+    mixed_prompts, mixed_params = [], []
+    for index, prompt in enumerate(prompts):
+        mixed_prompts += [prompt, prompt]
+        mixed_params += [free, sampled({"json": SCHEMAS[sorted(SCHEMAS)[index]]}, n=2, seed=index)]
+    mixed = llm.generate(mixed_prompts, mixed_params)
+    assert [o.outputs[0].token_ids for o in mixed[0::2]] == alone
+    for index, output in enumerate(mixed[1::2]):
+        for choice in output.outputs:
+            jsonschema.validate(json.loads(choice.text), SCHEMAS[sorted(SCHEMAS)[index]])
+
+
+def test_a_batch_without_constraints_computes_no_masks(llm):
+    runner = llm.engine.runner
+    before = len(runner.mask_seconds)
+    llm.generate(["a b c", "d e f"], SamplingParams(max_tokens=8, temperature=0.8, seed=1))
+    assert len(runner.mask_seconds) == before
+    llm.generate("a b c", sampled({"json": SCHEMAS["person"]}, n=2))
+    assert len(runner.mask_seconds) > before
+
+
+def test_masks_computed_during_or_after_the_forward_give_the_same_outputs(llm):
+    runner = llm.engine.runner
+    params = sampled({"json": SCHEMAS["order"]}, n=4, seed=11)
+    runner.overlap_masks = False
+    try:
+        after = [c.text for c in llm.generate("Order:", params)[0].outputs]
+    finally:
+        runner.overlap_masks = True
+    during = [c.text for c in llm.generate("Order:", params)[0].outputs]
+    assert during == after
+
+
+@pytest.mark.parametrize("constraint, message", [
+    ({"json": {"type": "objekt"}}, "invalid JSON schema.*objekt"),
+    ({"json": {"type": "object", "properties": {"a": {"type": "string"}}, "dependentRequired": {"a": ["b"]}}},
+     "dependentRequired"),
+    ({"json": {"type": "string", "format": "no-such-format"}}, "no-such-format"),
+    ({"json": "{not json"}, "not valid JSON"),
+    ({"regex": "a(b"}, "invalid regex.*unclosed group"),
+    ({"grammar": "start: missing_rule\n"}, "invalid grammar.*missing_rule"),
+    ({"regex": "a", "choice": ["a"]}, "exactly one of"),
+    ({"choice": []}, "non-empty list"),
+    ({"jsonschema": {}}, "unknown field 'jsonschema'"),
+])
+def test_a_constraint_that_cannot_compile_is_refused_before_anything_is_queued(llm, constraint, message):
+    with pytest.raises(StructuredOutputError, match=message):
+        llm.generate("hi", SamplingParams(max_tokens=5, structured_outputs=constraint))
+    assert not llm.engine.has_unfinished()
+    assert not llm.engine.scheduler.waiting and not llm.engine.scheduler.running
+    assert issubclass(StructuredOutputError, ValueError)
+    assert llm.generate("hi", SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids  # still fine
+
+
+def test_the_engine_core_refuses_a_bad_constraint_synchronously_in_add_request(llm):
+    core: EngineCore = llm.engine.core
+    bad = SamplingParams(max_tokens=5, structured_outputs={"regex": "(("})
+    with pytest.raises(StructuredOutputError, match="regex"):
+        core.add_request(EngineCoreRequest("bad-1", [5, 6, 7], sampling_to_dict(bad)))
+    assert "bad-1" not in core.requests and not core.scheduler.waiting
+
+
+def test_compile_time_is_bounded(llm):
+    # A large schema that is not cached yet cannot be checked in a microsecond: refused with the timeout error.
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string", "pattern": f"^[a-z]{{{i}}}[0-9]+$"}
+                                               for i in range(1, 200)}}
+    with pytest.raises(StructuredOutputTimeoutError, match="did not compile within"):
+        check_constraint(StructuredOutputsParams(json=schema), timeout=1e-6)
+
+
+def test_compiled_grammars_are_cached_by_key(llm):
+    grammars = llm.engine.core.grammars
+    schema = {"type": "object", "properties": {"cache_probe": {"type": "boolean"}}, "required": ["cache_probe"],
+              "additionalProperties": False}
+    llm.generate("x", sampled({"json": schema}, n=2))
+    compiled = grammars.num_compiled
+    reordered = dict(reversed(list(schema.items())))  # the same schema, keys in another order
+    llm.generate("y", sampled({"json": reordered}, n=3))
+    assert grammars.num_compiled == compiled
+
+
+def test_the_constraint_crosses_the_process_boundary_as_plain_data():
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"}))
+    request = EngineCoreRequest("r", [1, 2], sampling_to_dict(params))
+    decoded = input_decoder.decode(input_encoder.encode(request))
+    assert decoded.sampling_params().structured_outputs == params.structured_outputs
+    assert msgspec.msgpack.decode(input_encoder.encode(request))  # plain MessagePack, no pickle
+
+
+def test_preempted_constrained_requests_keep_their_matcher_in_step(tiny_checkpoint):
+    """A cache of 12 blocks of 16 tokens cannot hold 8 sequences of ~100 tokens: requests are preempted and their
+    outputs recomputed; the matchers, which consumed every kept output token, stay right."""
+    schemas = [SCHEMAS[name] for name in ("order", "array_of_objects", "nested_address", "tags_array")]
+    params = [sampled({"json": schema}, n=2, seed=20 + i, max_tokens=120) for i, schema in enumerate(schemas)]
+    prompts = [f"Request number {i}: give JSON" for i in range(len(schemas))]
+    small = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=12, max_num_seqs=8)
+    squeezed = small.generate(prompts, params)
+    assert small.metrics()["num_preemptions"] > 0
+    roomy = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=400, max_num_seqs=8).generate(prompts, params)
+    for output, reference, schema in zip(squeezed, roomy, schemas, strict=True):
+        for choice in output.outputs:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.text), schema)
+        assert [c.text for c in output.outputs] == [c.text for c in reference.outputs]
+
+
+def test_chat_honours_the_constraint(llm):
+    schema = SCHEMAS["person"]
+    output = llm.chat([{"role": "user", "content": "Who are you?"}], sampled({"json": schema}, n=3))[0]
+    for choice in output.outputs:
+        jsonschema.validate(json.loads(choice.text), schema)
+
+
+def test_the_engine_process_enforces_constraints_and_refuses_bad_ones_before_sending(tiny_checkpoint, llm):
+    remote = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=400, max_num_seqs=64, engine_process=True)
+    try:
+        schema = SCHEMAS["array_of_objects"]
+        params = sampled({"json": schema}, n=4, seed=9)
+        got = remote.generate("Points:", params)[0]
+        for choice in got.outputs:
+            jsonschema.validate(json.loads(choice.text), schema)
+        assert [c.text for c in got.outputs] == [c.text for c in llm.generate("Points:", params)[0].outputs]
+        choice = remote.chat([{"role": "user", "content": "ok?"}], sampled({"choice": ["yes", "no"]}, n=2))[0]
+        assert {c.text for c in choice.outputs} <= {"yes", "no"}
+        with pytest.raises(StructuredOutputError, match="Unimplemented keys"):
+            remote.generate("x", SamplingParams(structured_outputs={"json": {"type": "object",
+                                                                             "dependentSchemas": {}}}))
+        assert not remote.engine.has_unfinished()
+        assert remote.generate("x", sampled({"regex": "[0-9]{3}"}, n=1))[0].outputs[0].text.isdigit()
+    finally:
+        remote.close()
