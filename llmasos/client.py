@@ -124,6 +124,19 @@ class Client(_Base):
     def usage(self) -> list[dict]:
         return self._request("GET", "/v1/usage")["data"]
 
+    def ps(self) -> list[dict]:
+        """The models the server holds now: state, device, memory, requests in flight, expiry."""
+        return self._request("GET", "/api/ps")["models"]
+
+    def load(self, model: str, keep_alive: float | str | None = None) -> dict:
+        """Load `model` now (keep_alive: seconds, '10m', or -1 until stopped); returns its `ps` entry."""
+        body = {"model": model, **({"keep_alive": keep_alive} if keep_alive is not None else {})}
+        return self._request("POST", "/api/load", json=body)
+
+    def stop(self, model: str) -> dict:
+        """Unload `model` now, or once its requests in flight are done ({"status": "unloaded" | "unloading"})."""
+        return self._request("POST", "/api/stop", json={"model": model})
+
     def health(self) -> bool:
         try:
             return self._http.get("/health").status_code == 200

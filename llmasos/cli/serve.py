@@ -5,25 +5,36 @@ from __future__ import annotations
 import click
 
 
-def _default_model() -> str:
+def _default_model() -> str | None:
+    """The bundled default model's name once it is registered, else None (the server then loads on demand only)."""
+    from llmasos.errors import LLMasOSError
+    from llmasos.library import default_model_name
+
     try:
-        from llmasos.library import default_model_name
-    except ImportError:
-        default_model_name = None
-    name = default_model_name() if default_model_name else None
-    if not name:
-        raise click.UsageError("no model given and no default model is installed: pass --model DIR, or get one "
-                               "with `llmasos pull NAME` or `llmasos import DIR --name NAME`")
-    return name
+        return default_model_name()
+    except LLMasOSError:
+        return None
+
+
+def _keep_alive(_ctx, _param, value: str) -> float:
+    from llmasos.server.lifecycle import parse_keep_alive
+
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
-@click.option("--model", "-m", "models", multiple=True, help="Library name or checkpoint directory (repeatable).")
+@click.option("--model", "-m", "models", multiple=True,
+              help="Serve only these models (library name or checkpoint directory; repeatable), loaded at start. "
+                   "Without it the server serves the whole library: the default model is loaded at start and any "
+                   "other loads on its first request.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--served-model-name", default=None, help="Model id clients use (one model only).")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
 @click.option("--kv-cache-memory", default=None, help="KV cache budget per model, e.g. 2GiB.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=int)
 @click.option("--quantization", type=click.Choice(["int8", "int4", "w8a8"]), default=None,
@@ -56,42 +67,72 @@ def _default_model() -> str:
               help="Seconds a client has to send a request's body after its headers; then 408 and close.")
 @click.option("--max-connections-per-client", default=64, show_default=True, type=click.IntRange(min=0),
               help="Open connections per client address (more are refused with 429); 0: no cap.")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--keep-alive", default="5m", show_default=True, callback=_keep_alive,
+              help="How long a model loaded on demand stays loaded after its last request (seconds, '10m', '1h'; "
+                   "-1: until `llmasos stop`). Models named with --model stay until stopped. A request's own "
+                   "keep_alive overrides it.")
+@click.option("--max-loaded-models", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Models held at once; loading one more unloads the least recently used idle one.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False))
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              help="Server and access log lines as text, or as one JSON object a line.")
 def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, quantization,
           quantization_group_size, num_threads, engine_process, max_queue, max_body_bytes, price_table,
           shutdown_timeout, allow_unauthenticated, allowed_hosts, cors_origins, timeout_keep_alive, header_timeout,
-          body_timeout, max_connections_per_client, log_level) -> None:
-    """Serve models over the OpenAI API (completions, chat, embeddings)."""
-    from llmasos.server.metering import PriceTable
-    from llmasos.server.serving import check_bind, load_served_model, run_server
-    from llmasos.server.state import ServerSettings
+          body_timeout, max_connections_per_client, keep_alive, max_loaded_models, log_level, log_format) -> None:
+    """Serve models over the OpenAI API (completions, chat, embeddings).
 
+    The port is bound before any model loads (a port in use fails at once); models named with --model are loaded
+    next, and the server serves them only; without --model it serves every library model by name."""
+    import logging.config
+
+    from llmasos.server.lifecycle import ModelManager
+    from llmasos.server.logs import logging_config
+    from llmasos.server.metering import PriceTable
+    from llmasos.server.serving import bind_socket, check_bind, load_served_model, run_server, startup_banner
+    from llmasos.server.state import ServerSettings
+    from llmasos.spec import resolve_spec
+
+    logging.config.dictConfig(logging_config(log_level, log_format))
     check_bind(host, allow_unauthenticated)  # before minutes of loading
+    if served_model_name and len(models) != 1:
+        raise click.UsageError("--served-model-name applies to a single --model")
     if engine_process:  # this process only does HTTP and text: leave the cores to the engines' torch threads
         import torch
 
         torch.set_num_threads(1)
-    models = models or (_default_model(),)
-    if served_model_name and len(models) > 1:
-        raise click.UsageError("--served-model-name applies to a single --model")
     settings = ServerSettings(host=host, port=port, max_body_bytes=max_body_bytes, max_queue=max_queue,
                               shutdown_timeout=shutdown_timeout, allow_unauthenticated=allow_unauthenticated,
                               price_table=PriceTable.from_file(price_table) if price_table else PriceTable(),
                               allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                               timeout_keep_alive=timeout_keep_alive, header_timeout=header_timeout,
-                              body_timeout=body_timeout, max_connections_per_client=max_connections_per_client)
-    served = {}
-    for name in models:
-        model = load_served_model(name, served_model_name, engine_process=engine_process, dtype=dtype,
-                                  device=device, quantization=quantization,
-                                  quantization_group_size=int(quantization_group_size or 0) or None,
-                                  kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, num_threads=num_threads)
-        if model.id in served:
-            raise click.UsageError(f"two models would be served as {model.id!r}; give distinct names")
-        served[model.id] = model
-        click.echo(f"loaded {model.id} ({model.num_parameters / 1e6:.1f}M parameters)", err=True)
-    click.echo(f"serving {', '.join(served)} on http://{host}:{port}/v1", err=True)
-    run_server(served, settings, log_level)
+                              body_timeout=body_timeout, max_connections_per_client=max_connections_per_client,
+                              log_format=log_format)
+    load_options = dict(engine_process=engine_process, dtype=dtype, device=device, quantization=quantization,
+                        quantization_group_size=int(quantization_group_size or 0) or None,
+                        kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, num_threads=num_threads)
+    library = not models
+    names = models or tuple(name for name in (_default_model(),) if name)
+    # Resolve every named model first (seconds): a misspelt name fails before the port is taken.
+    specs = [resolve_spec(name, **{k: v for k, v in load_options.items() if k != "engine_process"})
+             for name in names]
+    if len({served_model_name or spec.name for spec in specs}) != len(specs):
+        raise click.UsageError("two models would be served under one name; give distinct names")
+    sock = bind_socket(host, port)
+    try:
+        served = {}
+        for spec in specs:
+            click.echo(f"loading {served_model_name or spec.name} ...", err=True)
+            model = load_served_model(spec, served_model_name, engine_process=engine_process)
+            served[model.id] = model
+        manager = ModelManager(served, library=library, load_options=load_options,
+                               max_loaded=max(max_loaded_models, len(served)), keep_alive=keep_alive)
+    except BaseException:
+        sock.close()
+        raise
+    click.echo(startup_banner(manager, settings), err=True)
+    run_server(manager, settings, log_level, sock=sock)
 
 
 def register(cli: click.Group) -> None:

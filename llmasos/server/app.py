@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from llmasos.engine.async_llm import EngineDeadError
 from llmasos.server.auth import KeyInfo, lookup_key, usage_summary
+from llmasos.server.lifecycle import ModelManager, not_found
 from llmasos.server.protocol import APIError, clip
 from llmasos.server.state import ServedModel, ServerSettings, ServerState
 
@@ -41,6 +42,7 @@ class BodyLimitMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_large = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            scope.setdefault("state", {})["error"] = too_large.message
             return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
         seen = 0
 
@@ -219,20 +221,31 @@ class AuthMiddleware:
             try:
                 key = await run_in_threadpool(authenticate, self.state, headers.get("authorization", ""))
             except APIError as error:
+                scope.setdefault("state", {})["error"] = error.message  # for the access log
                 return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})["key"] = key
         return await self.app(scope, receive, send)
 
 
-def served_model(state: ServerState, model_id: str, key: KeyInfo | None, task: str | None = None) -> ServedModel:
-    served = state.models.get(model_id)
-    if served is None:
-        raise APIError(404, f"the model {clip(model_id)!r} does not exist; GET /v1/models lists the served "
-                       "models",
-                       param="model", code="model_not_found")
+def forbidden(key: KeyInfo, model_id: str) -> APIError:
+    return APIError(403, f"key {key.name!r} is not allowed to use model {clip(model_id)!r}", type="permission_error",
+                    param="model", code="model_not_allowed")
+
+
+async def use_model(state: ServerState, request: Request, model_id: str, task: str | None = None,
+                    keep_alive: float | None = None) -> ServedModel:
+    """The model a request names, loaded (waiting for its load when needed), leased to the request until its last
+    byte is sent (AccessLogMiddleware releases the lease). 404 for a model this server cannot serve, 403 for one the
+    key may not use (decided before anything is loaded), 400 for the wrong kind of model."""
+    key = request.state.key
     if key is not None and not key.allows(model_id):
-        raise APIError(403, f"key {key.name!r} is not allowed to use model {clip(model_id)!r}", type="permission_error",
-                       param="model", code="model_not_allowed")
+        if not await state.models.knows(model_id):
+            raise not_found(model_id)
+        raise forbidden(key, model_id)
+    served = await state.models.acquire(model_id, keep_alive)
+    scope_state = request.scope.setdefault("state", {})
+    scope_state.setdefault("leases", []).append(model_id)
+    scope_state["model"] = served.id
     if task is not None and served.task != task:  # e.g. a completion asked of an embedding model
         message = (f"model {model_id!r} is an embedding model: it serves POST /v1/embeddings, not completions or chat"
                    if served.task == "embed" else
@@ -242,8 +255,12 @@ def served_model(state: ServerState, model_id: str, key: KeyInfo | None, task: s
     return served
 
 
-def create_app(models: dict[str, ServedModel], settings: ServerSettings | None = None) -> FastAPI:
+def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSettings | None = None) -> FastAPI:
+    """The app over `models`: a ModelManager (what `llmasos serve` builds), or a dict of loaded models, which are then
+    all the server serves, kept loaded until stopped."""
     settings = settings or ServerSettings()
+    if not isinstance(models, ModelManager):
+        models = ModelManager(models)
     app = FastAPI(title="LLMasOS", docs_url=None, redoc_url=None, openapi_url="/openapi.json")  # behind AuthMiddleware
     from llmasos.server.openapi import install_openapi
 
@@ -253,8 +270,8 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        # One line per refused request (the message is already clipped to what the client sees); no traceback.
-        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.type, exc.message)
+        # The access log line of the request carries the message (already clipped to what the client sees).
+        request.scope.setdefault("state", {})["error"] = exc.message
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -280,7 +297,8 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
 
     @app.get("/health")
     async def health():
-        alive = all(m.async_llm.is_alive for m in state.models.values())
+        state.models.ensure_running()
+        alive = state.models.all_alive()
         return JSONResponse({"status": "ok" if alive else "unavailable"}, status_code=200 if alive else 503,
                             headers={"x-llmasos-instance": state.instance_id})
 
@@ -288,22 +306,32 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
 
     @protected.get("/metrics")
     async def metrics():
-        state.metrics.refresh(state.models)
+        state.metrics.refresh(state.models.loaded())
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def model_card(served: ServedModel) -> dict:
-        return {"id": served.id, "object": "model", "created": served.created, "owned_by": "llmasos",
-                "max_model_len": served.max_model_len}
 
     @protected.get("/v1/models")
     async def list_models(request: Request):
+        """Every model this server can serve (the whole library when it serves the library); `loaded` marks those
+        in memory now, which answer without a load."""
         key = request.state.key
-        return {"object": "list", "data": [model_card(m) for m in state.models.values()
-                                           if key is None or key.allows(m.id)]}
+        catalog = await run_in_threadpool(state.models.catalog)
+        return {"object": "list", "data": [model_card(model_id, slot, row) for model_id, slot, row in catalog
+                                           if key is None or key.allows(model_id)]}
 
     @protected.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
-        return model_card(served_model(state, model_id, request.state.key))
+        key = request.state.key
+        catalog = await run_in_threadpool(state.models.catalog)
+        for entry in catalog:
+            if entry[0] == model_id:
+                if key is not None and not key.allows(model_id):
+                    raise forbidden(key, model_id)
+                return model_card(*entry)
+        raise not_found(model_id)
+
+    from llmasos.server.admin_routes import add_admin_routes
+
+    add_admin_routes(protected, state)
 
     @protected.get("/v1/usage")
     async def usage(request: Request):
@@ -328,7 +356,20 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings | None =
 
     install_guard(app, state)  # outside auth: Host, CORS preflight and JSON Content-Type come before the key
     app.add_middleware(RequestCounterMiddleware, metrics=state.metrics)
+    from llmasos.server.logs import AccessLogMiddleware
+
+    app.add_middleware(AccessLogMiddleware, state=state)  # outermost: every request is logged, every lease released
     return app
+
+
+def model_card(model_id: str, slot, row) -> dict:
+    """OpenAI's model object, with `loaded` and the context length (of the engine when loaded, else the library's)."""
+    served = slot.served if slot is not None else None
+    created = served.created if served is not None else \
+        int(row.created_at.timestamp()) if row is not None and row.created_at else 0
+    max_model_len = served.max_model_len if served is not None else row.context_length if row is not None else None
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmasos",
+            "max_model_len": max_model_len, "loaded": slot is not None and slot.state == "loaded"}
 
 
 class RequestCounterMiddleware:

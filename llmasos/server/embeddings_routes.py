@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from llmasos.server.app import parse_body, served_model
+from llmasos.server.app import parse_body, use_model
 from llmasos.server.auth import record_usage
 from llmasos.server.protocol import APIError, EmbeddingRequest
 from llmasos.server.state import ServedModel, ServerState
@@ -97,7 +97,7 @@ def add_embedding_routes(router: APIRouter, state: ServerState) -> None:
     async def embeddings(request: Request):
         body: EmbeddingRequest = await parse_body(request, EmbeddingRequest)
         key = request.state.key
-        served = served_model(state, body.model, key, task=EMBED_TASK)
+        served = await use_model(state, request, body.model, EMBED_TASK, body.keep_alive)
         service: EmbeddingService = served.llm
         if body.dimensions is not None and body.dimensions != service.embedder.dimension:
             raise APIError(400, f"dimensions={body.dimensions} is not supported: model {served.id!r} gives "
@@ -107,6 +107,7 @@ def add_embedding_routes(router: APIRouter, state: ServerState) -> None:
         except ValueError as exc:
             raise APIError(400, str(exc), param="input") from None
         prompt_tokens = sum(len(ids) for ids in id_lists)
+        request.state.usage = (prompt_tokens, 0)
         admission = state.limiter.admit(key, prompt_tokens, 0)
         request_id = f"embd-{uuid.uuid4().hex}"
         try:

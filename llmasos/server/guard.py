@@ -95,6 +95,7 @@ class BrowserGuard:
             await send(message)
 
         async def refuse(error: APIError):
+            scope.setdefault("state", {})["error"] = error.message  # for the access log
             response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
             return await response(scope, receive, cors_send)
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from llmasos.engine.validation import ContextLengthError, PromptError, check_token_ids, validate_prompt
 from llmasos.errors import TemplateError
 from llmasos.sampling_params import SamplingParams
-from llmasos.server.app import parse_body, served_model
+from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
 from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -186,7 +186,7 @@ async def _collect(job: Job, request: Request,
 
 
 async def _completions(state: ServerState, request: Request, body: CompletionRequest):
-    served = served_model(state, body.model, request.state.key, task="generate")
+    served = await use_model(state, request, body.model, "generate", body.keep_alive)
     tokenizer = served.llm.tokenizer
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -206,6 +206,7 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     if scores_prompt:  # the prompt's logprobs come from the engine's own prefill of it, under its token budget
         params.prompt_logprobs = body.logprobs
     job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission)
+    request.state.job = job  # for the access log: its token counts once the response is sent
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)
     handed_to_stream = False
@@ -316,7 +317,7 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
 
 
 async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest):
-    served = served_model(state, body.model, request.state.key, task="generate")
+    served = await use_model(state, request, body.model, "generate", body.keep_alive)
     tokenizer = served.llm.tokenizer
     _check_prompt_size(served, [m.text() for m in body.messages])
     prompt = await run_in_threadpool(_render_chat, served, body)
@@ -332,6 +333,7 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     admission, max_tokens = await _admit(state, served, request, [prompt], requested, body.n)
     params.max_tokens = max_tokens
     job = Job(state, served, "chat.completions", f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, admission)
+    request.state.job = job
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)
     if body.stream:

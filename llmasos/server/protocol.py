@@ -35,6 +35,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _keep_alive_seconds(value: float | str | None) -> float | None:
+    """keep_alive as seconds (math.inf: until stopped); a bad value is the request's 400, naming the field."""
+    if value is None:
+        return None
+    from llmasos.server.lifecycle import parse_keep_alive
+
+    return parse_keep_alive(value)
+
+
 class StrictModel(BaseModel):
     """JSON types as the OpenAI spec has them: no `false` for a token id, `0.0` for a count or `0` for a flag (floats
     still take integers, as OpenAI's do)."""
@@ -46,7 +55,19 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(StrictModel):
+class KeepAlive(StrictModel):
+    """Ollama's `keep_alive`: how long the model stays loaded after this request — seconds, a duration such as '5m',
+    or negative for until stopped. Validated to seconds (math.inf: until stopped)."""
+
+    keep_alive: float | str | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, value):
+        return _keep_alive_seconds(value)
+
+
+class SamplingFields(KeepAlive):
     """Fields shared by completions and chat, including the extras vLLM accepts (top_k, min_p, ...)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -135,7 +156,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class EmbeddingRequest(StrictModel):
+class EmbeddingRequest(KeepAlive):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str

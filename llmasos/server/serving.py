@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
@@ -19,6 +20,7 @@ import httpx
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from llmasos.server.lifecycle import ModelManager
 from llmasos.server.protocol import APIError
 from llmasos.server.state import ServedModel, ServerSettings
 from llmasos.spec import ModelSpec
@@ -159,23 +161,75 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def build_server(models: dict[str, ServedModel], settings: ServerSettings, log_level: str = "info") -> uvicorn.Server:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any model loads: a port in use is a clear error at once, not a uvicorn
+    traceback minutes later. It listens only once uvicorn serves (asyncio calls listen()), so until the models are
+    loaded a client is refused at once rather than left hanging."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use (another server runs there? pick another with --port)" \
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES) else f"cannot be bound: {exc.strerror or exc}"
+        raise OSError(exc.errno, f"{host}:{port} {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def startup_banner(manager: ModelManager, settings: ServerSettings) -> str:
+    """What the operator needs at a glance: URL, models, device, keys."""
+    from llmasos.server.auth import active_key_count
+    from llmasos.server.lifecycle import describe_keep_alive, device_of
+
+    loaded = manager.loaded()
+    lines = [f"LLMasOS serving on http://{settings.host}:{settings.port}/v1"]
+    for model_id, served in loaded.items():
+        lines.append(f"  model {model_id}: loaded on {device_of(served)}, "
+                     f"{served.num_parameters / 1e6:.1f}M parameters")
+    if manager.library:
+        lines.append(f"  every library model is served by name, loaded on its first request and kept "
+                     f"{describe_keep_alive(manager.keep_alive)} after its last (at most {manager.max_loaded} at once)")
+    elif not loaded:
+        lines.append("  no models")
+    keys = active_key_count()
+    if keys:
+        lines.append(f"  auth: on ({keys} active API key{'s' if keys != 1 else ''}): clients send "
+                     "'Authorization: Bearer <key>'")
+    elif settings.allow_unauthenticated and not is_loopback(settings.host):
+        lines.append("  auth: OFF on a public interface (--allow-unauthenticated): anyone who reaches it can use it")
+    else:
+        lines.append("  auth: off (no API keys; `llmasos keys create --name NAME` turns it on)")
+    return "\n".join(lines)
+
+
+def build_server(models: dict[str, ServedModel] | ModelManager, settings: ServerSettings,
+                 log_level: str = "info", own_logging: bool = False) -> uvicorn.Server:
+    """The uvicorn server. `own_logging`: configure the process's logging (uvicorn's and LLMasOS's loggers, in
+    settings.log_format) — what `llmasos serve` wants, and no library embedding a Service does."""
     from llmasos.server.app import create_app
+    from llmasos.server.logs import logging_config
 
     app = create_app(models, settings)
     protocol = GuardedH11Protocol.with_limits(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            log_config=logging_config(log_level, settings.log_format) if own_logging
+                            else uvicorn.config.LOGGING_CONFIG,
                             timeout_graceful_shutdown=int(settings.shutdown_timeout), access_log=False,
                             http=protocol, timeout_keep_alive=settings.timeout_keep_alive,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws="none")  # no WebSocket routes
     return uvicorn.Server(config)
 
 
-def run_server(models: dict[str, ServedModel], settings: ServerSettings, log_level: str = "info") -> None:
+def run_server(models: dict[str, ServedModel] | ModelManager, settings: ServerSettings, log_level: str = "info",
+               sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT: uvicorn stops accepting, drains in-flight requests up to the shutdown timeout,
-    then the engines stop."""
+    then the engines stop. `sock`: a socket bound already (bind_socket)."""
     check_bind(settings.host, settings.allow_unauthenticated)
-    server = build_server(models, settings, log_level)
+    server = build_server(models, settings, log_level, own_logging=True)
+    manager = server.config.app.state.llmasos.models
     previous = None
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises SIGTERM once it has drained, to the handler that was there before it: make that a clean
@@ -183,10 +237,11 @@ def run_server(models: dict[str, ServedModel], settings: ServerSettings, log_lev
         # before uvicorn listens.
         previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
-        for served in models.values():
-            served.async_llm.shutdown()
+        manager.close()
+        if sock is not None:
+            sock.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -202,10 +257,13 @@ def free_port() -> int:
 
 
 class Service:
-    """A server running in a background thread of this process."""
+    """A server running in a background thread of this process, over loaded models or a ModelManager (which may
+    serve the library and load on demand)."""
 
-    def __init__(self, models: dict[str, ServedModel], settings: ServerSettings) -> None:
-        self.models, self.settings = models, settings
+    def __init__(self, models: dict[str, ServedModel] | ModelManager, settings: ServerSettings) -> None:
+        self.manager = models if isinstance(models, ModelManager) else ModelManager(models)
+        self.models = self.manager.loaded()  # those loaded when the service was made; predict() uses the first
+        self.settings = settings
         self.base_url = f"http://{settings.host}:{settings.port}"
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -215,7 +273,7 @@ class Service:
         """Start serving and return once this server's own /health answers 200. Raises if the port is taken (even
         when another server answers there) or the server stops while starting."""
         check_bind(self.settings.host, self.settings.allow_unauthenticated)
-        self._server = build_server(self.models, self.settings, log_level="warning")
+        self._server = build_server(self.manager, self.settings, log_level="warning")
         self._state = self._server.config.app.state.llmasos
         self._thread = threading.Thread(target=self._serve, name="llmasos-server", daemon=True)
         self._thread.start()
@@ -256,8 +314,7 @@ class Service:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=self.settings.shutdown_timeout + 5)
-        for served in self.models.values():
-            served.async_llm.shutdown()
+        self.manager.close()  # the models it loaded on demand too
 
     def __enter__(self) -> Service:
         return self.start() if self._thread is None else self

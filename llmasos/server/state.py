@@ -31,12 +31,15 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds from a request's first byte (or the connection) to its last header
     body_timeout: float = 60.0  # seconds from the last header to the last byte of the body
     max_connections_per_client: int = 64  # open connections per client address; 0: no cap
+    log_format: str = "text"  # access and server log lines: "text" or "json" (one object a line)
 
     def __post_init__(self) -> None:
         self.allowed_hosts, self.cors_origins = tuple(self.allowed_hosts), tuple(self.cors_origins)
         for name in ("timeout_keep_alive", "header_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
         if self.max_connections_per_client < 0:
             raise ValueError("max_connections_per_client must be 0 (no cap) or more, not "
                              f"{self.max_connections_per_client}")
@@ -107,6 +110,10 @@ class ServerMetrics:
                                      registry=r)
 
     def refresh(self, models: dict[str, ServedModel]) -> None:
+        """Set the per-model gauges of the models loaded now; an unloaded model's series disappear."""
+        for gauge in (self.weight_bytes, self.kv_cache_bytes, self.rss_bytes, self.engine_threads, self.engine_restarts,
+                      self.running, self.waiting, self.kv_usage, self.preemptions, self.prefix_hit_rate):
+            gauge.clear()
         for model_id, served in models.items():
             if served.task != "generate":
                 continue
@@ -125,7 +132,7 @@ class ServerMetrics:
 
 @dataclass
 class ServerState:
-    models: dict[str, ServedModel]
+    models: Any  # llmasos.server.lifecycle.ModelManager: what is servable, what is loaded, and the leases
     settings: ServerSettings
     limiter: Limiter = field(default_factory=Limiter)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)

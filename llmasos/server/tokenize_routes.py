@@ -10,8 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llmasos.engine.validation import PromptError, check_token_ids
 from llmasos.errors import TemplateError
-from llmasos.server.app import parse_body, served_model
-from llmasos.server.auth import KeyInfo
+from llmasos.server.app import parse_body, use_model
 from llmasos.server.protocol import APIError, ChatMessage
 from llmasos.server.state import ServedModel, ServerState
 
@@ -59,23 +58,26 @@ class TokenizerInfoResponse(BaseModel):
     vocab_size: int
 
 
-def resolve_model(state: ServerState, model_id: str | None, key: KeyInfo | None) -> ServedModel:
-    """The model a tokenizer request names, or the only generating model this key may use when it names none."""
+async def resolve_model(state: ServerState, request: Request, model_id: str | None) -> ServedModel:
+    """The model a tokenizer request names, or the only loaded generating model this key may use when it names
+    none."""
+    key = request.state.key
     if model_id is not None:
-        return served_model(state, model_id, key)
-    choices = [m.id for m in state.models.values() if m.task == "generate" and (key is None or key.allows(m.id))]
+        return await use_model(state, request, model_id)
+    choices = [m.id for m in state.models.loaded().values()
+               if m.task == "generate" and (key is None or key.allows(m.id))]
     if len(choices) != 1:
         listed = ", ".join(repr(choice) for choice in choices) or "none available to this key"
         raise APIError(400, f"this server serves several models, so the request must name one in 'model': {listed}",
                        param="model")
-    return served_model(state, choices[0], key)
+    return await use_model(state, request, choices[0])
 
 
 def add_tokenize_routes(router: APIRouter, state: ServerState) -> None:
     @router.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(request: Request):
         body: TokenizeRequest = await parse_body(request, TokenizeRequest)
-        served = resolve_model(state, body.model, request.state.key)
+        served = await resolve_model(state, request, body.model)
         tokenizer = served.llm.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -94,7 +96,7 @@ def add_tokenize_routes(router: APIRouter, state: ServerState) -> None:
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(request: Request):
         body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
-        served = resolve_model(state, body.model, request.state.key)
+        served = await resolve_model(state, request, body.model)
         try:
             if body.tokens:
                 check_token_ids(body.tokens, served.llm.config.vocab_size)
@@ -104,7 +106,7 @@ def add_tokenize_routes(router: APIRouter, state: ServerState) -> None:
 
     @router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
     async def tokenizer_info(request: Request, model: str | None = None):
-        served = resolve_model(state, model, request.state.key)
+        served = await resolve_model(state, request, model)
         tokenizer = served.llm.tokenizer
         return {"tokenizer_class": type(tokenizer).__name__, "model": served.id,
                 "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
