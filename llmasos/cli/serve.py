@@ -73,6 +73,9 @@ def _keep_alive(_ctx, _param, value: str) -> float:
                    "keep_alive overrides it.")
 @click.option("--max-loaded-models", default=3, show_default=True, type=click.IntRange(min=1),
               help="Models held at once; loading one more unloads the least recently used idle one.")
+@click.option("--tool-call-parser", type=click.Choice(["hermes", "llama3_json", "mistral"]), default=None,
+              help="The format tool calls are parsed from and forced in (default: chosen from each model's chat "
+                   "template; hermes for templates without tools).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False))
 @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
@@ -80,7 +83,8 @@ def _keep_alive(_ctx, _param, value: str) -> float:
 def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, quantization,
           quantization_group_size, num_threads, engine_process, max_queue, max_body_bytes, price_table,
           shutdown_timeout, allow_unauthenticated, allowed_hosts, cors_origins, timeout_keep_alive, header_timeout,
-          body_timeout, max_connections_per_client, keep_alive, max_loaded_models, log_level, log_format) -> None:
+          body_timeout, max_connections_per_client, keep_alive, max_loaded_models, tool_call_parser, log_level,
+          log_format) -> None:
     """Serve models over the OpenAI API (completions, chat, embeddings).
 
     The port is bound before any model loads (a port in use fails at once); models named with --model are loaded
@@ -108,7 +112,7 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
                               allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                               timeout_keep_alive=timeout_keep_alive, header_timeout=header_timeout,
                               body_timeout=body_timeout, max_connections_per_client=max_connections_per_client,
-                              log_format=log_format)
+                              log_format=log_format, tool_call_parser=tool_call_parser)
     load_options = dict(engine_process=engine_process, dtype=dtype, device=device, quantization=quantization,
                         quantization_group_size=int(quantization_group_size or 0) or None,
                         kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, num_threads=num_threads)

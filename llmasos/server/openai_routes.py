@@ -11,13 +11,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from llmasos.engine.validation import ContextLengthError, PromptError, check_token_ids, validate_prompt
+from llmasos.engine.validation import (
+    ContextLengthError,
+    PromptError,
+    StructuredOutputError,
+    check_token_ids,
+    validate_prompt,
+)
 from llmasos.errors import TemplateError
-from llmasos.sampling_params import SamplingParams
+from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
+from llmasos.tool_calls import ToolCallParser, ToolError, check_tools, choose_parser, template_messages, \
+    template_takes_tools
 from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
-from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, \
+    StructuredFields
 from llmasos.server.state import ServedModel, ServerState
 from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream, cancel_on_disconnect, sse
 
@@ -150,6 +159,46 @@ def _normalize_prompts(served: ServedModel, prompt) -> tuple[list[list[int]], li
     return prompts, [tokenizer.decode(p) for p in prompts]
 
 
+def _requested_constraint(body: StructuredFields) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The output constraint a request asks for (OpenAI's response_format or vLLM's structured_outputs), and the
+    field that asked for it."""
+    fmt, structured = body.response_format, body.structured_outputs
+    if structured is not None and fmt is not None and fmt.type != "text":
+        raise APIError(400, "give either response_format or structured_outputs, not both", param="structured_outputs")
+    try:
+        if structured is not None:
+            return StructuredOutputsParams.coerce(structured), "structured_outputs"
+        if fmt is None or fmt.type == "text":
+            return None, None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True), "response_format"
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema (a JSON schema)",
+                           param="response_format.json_schema")
+        return StructuredOutputsParams(json=fmt.json_schema.schema_), "response_format"
+    except StructuredOutputError as exc:
+        raise APIError(400, str(exc), param="structured_outputs" if structured is not None else "response_format") \
+            from None
+
+
+async def _check_constraint(state: ServerState, served: ServedModel, constraint: StructuredOutputsParams | None,
+                            param: str | None) -> None:
+    """Check (compile) the constraint before anything is queued: an invalid or unsupported schema, regex or grammar,
+    or one that takes too long to compile, is the request's 400. Checked constraints are cached by key."""
+    if constraint is None:
+        return
+    from llmasos.engine.structured_output import check_constraint
+
+    started = time.perf_counter()
+    try:
+        await run_in_threadpool(check_constraint, constraint)
+    except StructuredOutputError as exc:
+        raise APIError(400, str(exc), param=param) from None
+    finally:
+        state.metrics.structured_compile.labels(served.id).observe(time.perf_counter() - started)
+    state.metrics.structured_requests.labels(served.id, constraint.kind).inc()
+
+
 def add_generation_routes(router: APIRouter, state: ServerState) -> None:
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -199,6 +248,9 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
         raise APIError(400, "max_tokens=0 cannot be streamed", param="max_tokens")
     _check_prompts(served, prompts, max_tokens, "prompt")
     params = _sampling(served, body, max_tokens, body.logprobs)
+    constraint, param = _requested_constraint(body)
+    await _check_constraint(state, served, constraint, param)
+    params.structured_outputs = constraint
     _check_engine(served)
     admission, max_tokens = await _admit(state, served, request, prompts, max_tokens, body.n)
     params.max_tokens = max_tokens
@@ -294,8 +346,31 @@ def _end_offset(logprobs: dict, start: int = 0) -> int:
     return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
 
 
-def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+def _message(message) -> dict:
+    out = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None and message.role == "tool":
+        out["name"] = message.name
+    return out
+
+
+def _template_source(served: ServedModel, tools: bool) -> str | None:
+    from llmasos.chat_template import select_chat_template
+
+    try:
+        return select_chat_template(served.llm.tokenizer.chat_templates, served.chat_template, [] if tools else None)
+    except TemplateError:
+        return None
+
+
+def _render_chat(served: ServedModel, body: ChatCompletionRequest, tools: list[dict], tool_choice: str | None
+                 ) -> list[int]:
+    """The prompt's token ids. Tools in play (tool_choice other than none) go to the template's own `tools`, or, for a
+    template without them, into the system message; earlier tool calls and results are rendered either way."""
+    messages = [_message(m) for m in body.messages]
     if served.system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": served.system_prompt})
     extra = dict(body.chat_template_kwargs or {})
@@ -308,6 +383,19 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
         if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
             raise APIError(400, f"chat_template_kwargs.{name} must be a list of objects",
                            param=f"chat_template_kwargs.{name}")
+    if tools and "tools" in extra:
+        raise APIError(400, "give tools in the request's tools field, not also in chat_template_kwargs",
+                       param="chat_template_kwargs.tools")
+    offered = tools if tool_choice is not None else []
+    has_calls = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if offered or has_calls:
+        takes = template_takes_tools(_template_source(served, bool(offered)))
+        try:
+            messages = template_messages(messages, offered, takes)
+        except ToolError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+        if offered and takes:
+            extra["tools"] = offered
     try:
         return served.llm.tokenizer.apply_chat_template(
             messages, add_generation_prompt=body.add_generation_prompt, tokenize=True,
@@ -316,11 +404,36 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
         raise APIError(400, f"could not render the chat template: {exc}", param="messages") from None
 
 
+def _tools_of(state: ServerState, served: ServedModel, body: ChatCompletionRequest
+              ) -> tuple[list[dict], str | None, ToolCallParser | None, StructuredOutputsParams | None]:
+    """tools, the effective tool_choice, the parser of the model's format, and the constraint that forces calls
+    (tool_choice required or a named function)."""
+    try:
+        tools, choice = check_tools(body.tools, body.tool_choice)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    if choice is None:
+        return tools, None, None, None
+    parser = choose_parser(_template_source(served, True), state.settings.tool_call_parser)
+    if choice == "auto":
+        return tools, choice, parser, None
+    chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
+    return tools, choice, parser, parser.constraint(chosen, body.parallel_tool_calls and choice == "required")
+
+
 async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest):
     served = await use_model(state, request, body.model, "generate", body.keep_alive)
     tokenizer = served.llm.tokenizer
     _check_prompt_size(served, [m.text() for m in body.messages])
-    prompt = await run_in_threadpool(_render_chat, served, body)
+    tools, tool_choice, parser, forced = _tools_of(state, served, body)
+    constraint, param = _requested_constraint(body)
+    if forced is not None and constraint is not None:
+        raise APIError(400, f"{param} cannot be combined with tool_choice {body.tool_choice!r}: the output is then a "
+                       "tool call; use tool_choice auto or none", param=param)
+    if forced is not None:
+        constraint, param = forced, "tools"
+    await _check_constraint(state, served, constraint, param)
+    prompt = await run_in_threadpool(_render_chat, served, body, tools, tool_choice)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested is None:  # as much as the context and the whole KV cache leave room for
         info = served.llm.engine.info
@@ -329,6 +442,7 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     _check_prompts(served, [prompt], requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(served, body, requested, top)
+    params.structured_outputs = constraint
     _check_engine(served)
     admission, max_tokens = await _admit(state, served, request, [prompt], requested, body.n)
     params.max_tokens = max_tokens
@@ -337,24 +451,44 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)
     if body.stream:
-        return MeteredStream(job, _stream_chat(job, body, created), headers)
+        return MeteredStream(job, _stream_chat(job, body, created, parser, forced is not None), headers)
     try:
         try:
             results = await _collect(job, request)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         job.completion_tokens = sum(len(r["ids"]) for r in results.values())
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "logprobs": chat_logprobs(tokenizer, r["ids"], r["logprobs"], top) if body.logprobs else None,
-                    "finish_reason": r["finish"] or "length"} for (_, i), r in results.items()]
+        choices = []
+        for (_, i), r in results.items():
+            message, finish = _assistant_message(r["text"], parser), r["finish"] or "length"
+            if message.get("tool_calls"):
+                finish = "tool_calls"
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": chat_logprobs(tokenizer, r["ids"], r["logprobs"], top) if body.logprobs
+                            else None})
         return JSONResponse({"id": job.request_id, "object": "chat.completion", "created": created,
                              "model": served.id, "choices": choices, "usage": job.usage()}, headers=headers)
     finally:
         await job.finish()
 
 
-async def _stream_chat(job: Job, body: ChatCompletionRequest, created: int):
-    """(event, completion tokens in it) for MeteredStream; the first event of each choice carries the role."""
+def _assistant_message(text: str, parser: ToolCallParser | None) -> dict:
+    if parser is None:
+        return {"role": "assistant", "content": text}
+    content, calls = parser.parse(text)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [call.to_openai() for call in calls]
+    return message
+
+
+async def _stream_chat(job: Job, body: ChatCompletionRequest, created: int, parser: ToolCallParser | None = None,
+                       forced: bool = False):
+    """(event, completion tokens in it) for MeteredStream; the first event of each choice carries the role.
+
+    With tools in play, text that may be a tool call is held back (all of it when calls are forced); once the choice
+    ends, its calls go out in OpenAI's delta shape — per call its index, id and name, then its arguments — so that
+    the deltas add up to the non-streamed message. Tokens of held text are counted with the event that sends them."""
     tokenizer = job.served.llm.tokenizer
     top = (body.top_logprobs or 0) if body.logprobs else None
     base = {"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": job.served.id}
@@ -362,14 +496,47 @@ async def _stream_chat(job: Job, body: ChatCompletionRequest, created: int):
     for i in range(body.n):
         yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}), 0
+    texts: dict[int, str] = {}
+    sent: dict[int, int] = {}  # characters of each choice's text sent as content
+    held: dict[int, int] = {}  # tokens generated but not yet sent
     async with aclosing(job.run()) as deltas:
         async for _, delta in deltas:
             for out in delta.outputs:
                 if not out.text and not out.token_ids and out.finish_reason is None:
                     continue
                 logprobs = chat_logprobs(tokenizer, out.token_ids, out.logprobs or [], top) if body.logprobs else None
-                yield chunk({"index": out.index, "delta": {"content": out.text} if out.text else {},
-                             "logprobs": logprobs, "finish_reason": out.finish_reason}), len(out.token_ids)
+                if parser is None:
+                    yield chunk({"index": out.index, "delta": {"content": out.text} if out.text else {},
+                                 "logprobs": logprobs, "finish_reason": out.finish_reason}), len(out.token_ids)
+                    continue
+                i = out.index
+                text = texts[i] = texts.get(i, "") + out.text
+                tokens = held.pop(i, 0) + len(out.token_ids)
+                if out.finish_reason is None:
+                    safe = 0 if forced else parser.safe_prefix(text)
+                    if text[:safe].strip() and safe > sent.get(i, 0):
+                        piece, sent[i] = text[sent.get(i, 0):safe], safe
+                        yield chunk({"index": i, "delta": {"content": piece}, "logprobs": logprobs,
+                                     "finish_reason": None}), tokens
+                    else:
+                        held[i] = tokens
+                    continue
+                message = _assistant_message(text, parser)
+                rest = (message["content"] or "")[sent.get(i, 0):]
+                calls = message.get("tool_calls", [])
+                if rest or not calls:
+                    yield chunk({"index": i, "delta": {"content": rest} if rest else {}, "logprobs": logprobs,
+                                 "finish_reason": None if calls else out.finish_reason}), tokens
+                    tokens = 0
+                for n, call in enumerate(calls):
+                    head = {"index": n, "id": call["id"], "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""}}
+                    yield chunk({"index": i, "delta": {"tool_calls": [head]}, "logprobs": None,
+                                 "finish_reason": None}), tokens
+                    tokens = 0
+                    arguments = {"index": n, "function": {"arguments": call["function"]["arguments"]}}
+                    yield chunk({"index": i, "delta": {"tool_calls": [arguments]}, "logprobs": None,
+                                 "finish_reason": "tool_calls" if n == len(calls) - 1 else None}), 0
     if body.stream_options and body.stream_options.include_usage:
         yield sse({**base, "choices": [], "usage": job.usage()}), 0
     yield sse("[DONE]"), 0

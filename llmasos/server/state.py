@@ -32,6 +32,7 @@ class ServerSettings:
     body_timeout: float = 60.0  # seconds from the last header to the last byte of the body
     max_connections_per_client: int = 64  # open connections per client address; 0: no cap
     log_format: str = "text"  # access and server log lines: "text" or "json" (one object a line)
+    tool_call_parser: str | None = None  # hermes, llama3_json, mistral; None: chosen from each model's chat template
 
     def __post_init__(self) -> None:
         self.allowed_hosts, self.cors_origins = tuple(self.allowed_hosts), tuple(self.cors_origins)
@@ -106,6 +107,12 @@ class ServerMetrics:
                                ["model"], registry=r)
         self.engine_threads = Gauge("llmasos_engine_threads", "Torch threads the engine computes with", ["model"],
                                     registry=r)
+        self.structured_requests = Counter("llmasos_structured_output_requests",
+                                           "Requests whose output is constrained (JSON schema, regex, choice, grammar, "
+                                           "forced tool calls)", ["model", "kind"], registry=r)
+        self.structured_compile = Histogram("llmasos_structured_output_compile_seconds",
+                                            "Time to check and compile a request's constraint (cached ones: ~0)",
+                                            ["model"], buckets=buckets, registry=r)
         self.engine_restarts = Gauge("llmasos_engine_restarts", "Engine process restarts after a crash", ["model"],
                                      registry=r)
 
