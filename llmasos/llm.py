@@ -136,17 +136,53 @@ class LLM:
         return [done[request_id] for request_id in ids]
 
     def chat(self, conversations: list[dict] | list[list[dict]],
-             sampling: SamplingParams | list[SamplingParams] | None = None, **template_kwargs) -> list[RequestOutput]:
-        """Generate the assistant's reply to one conversation (a list of messages) or to each of several."""
+             sampling: SamplingParams | list[SamplingParams] | None = None, *, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+             **template_kwargs) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation (a list of messages) or to each of several.
+
+        With OpenAI `tools` (and `tool_choice`: "auto", "none", "required" or {"type": "function", "function":
+        {"name"}}), the tools go to the chat template, "required" and named choices are forced by a grammar, and
+        each output's `tool_calls` and `content` hold what was parsed from its text."""
+        from llmasos.tool_calls import parse_output, plan_tools, prepare_messages
+
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         if self.system_prompt:
             from llmasos.library import with_system_prompt
 
             conversations = [with_system_prompt(messages, self.system_prompt) for messages in conversations]
-        prompts = [self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                      **template_kwargs) for messages in conversations]
-        return self.generate(prompts, sampling)
+        chat_template = template_kwargs.get("chat_template")
+        plan = plan_tools(self.tokenizer, chat_template, tools, tool_choice, parallel_tool_calls)
+        if plan.constraint is not None:
+            sampling = self._forced(sampling, len(conversations), plan.constraint)
+        prompts = []
+        for messages in conversations:
+            messages, template_tools = prepare_messages(self.tokenizer, chat_template, messages, plan)
+            extra = {**template_kwargs, **({"tools": template_tools} if template_tools is not None else {})}
+            prompts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              **extra))
+        outputs = self.generate(prompts, sampling)
+        if plan.parser is not None:
+            for output in outputs:
+                for completion in output.outputs:
+                    completion.content, completion.tool_calls = parse_output(plan, completion.text)
+        return outputs
+
+    def _forced(self, sampling, count: int, constraint) -> list[SamplingParams]:
+        """Copies of the sampling params that force tool calls; a constraint of the caller's own is a conflict."""
+        import copy
+
+        given = sampling if isinstance(sampling, list) else [sampling] * count
+        forced = []
+        for params in given:
+            params = copy.copy(params) if params is not None else self.default_sampling()
+            if params.structured_outputs is not None:
+                raise ValueError("structured_outputs cannot be combined with tool_choice required or a named "
+                                 "function: the output is then a tool call")
+            params.structured_outputs = constraint
+            forced.append(params)
+        return forced
 
     # -- scoring -----------------------------------------------------------------------------------------------
     def prompt_logprobs(self, token_ids: list[int], top_k: int = 0) -> list:

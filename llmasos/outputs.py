@@ -13,6 +13,10 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length", "abort", or None while still running
     logprobs: list[dict[int, float]] | None = None  # per generated token: chosen token + top alternatives
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    # LLM.chat with tools: the calls parsed from `text` (OpenAI's shape: id, type, function {name, arguments}) and
+    # the text around them; None without tools or when the answer makes no call.
+    tool_calls: list[dict] | None = None
+    content: str | None = None
 
     @property
     def finished(self) -> bool:

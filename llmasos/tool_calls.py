@@ -250,6 +250,62 @@ def choose_parser(template: str | None, override: str | None = None) -> ToolCall
     return HermesParser()
 
 
+@dataclass
+class ToolPlan:
+    """What a chat request's tools mean for one model: the tools offered (none when tool_choice is none), the
+    effective choice (None, "auto", "required" or a function name), the parser of the model's format, and the
+    constraint that forces calls (None unless required or named)."""
+
+    tools: list[dict[str, Any]]
+    choice: str | None
+    parser: ToolCallParser | None
+    constraint: StructuredOutputsParams | None
+
+
+def template_source(tokenizer: Any, chat_template: str | None, tools: bool) -> str | None:
+    """The chat template a conversation would be rendered with (None when the model has none)."""
+    from llmasos.chat_template import select_chat_template
+    from llmasos.errors import TemplateError
+
+    try:
+        return select_chat_template(tokenizer.chat_templates, chat_template, [] if tools else None)
+    except TemplateError:
+        return None
+
+
+def plan_tools(tokenizer: Any, chat_template: str | None, tools: list[dict[str, Any]] | None, tool_choice: Any,
+               parallel_tool_calls: bool = True, parser: str | None = None) -> ToolPlan:
+    """Check tools and tool_choice (ToolError) and decide how they are rendered, forced and parsed."""
+    tools, choice = check_tools(tools, tool_choice)
+    if choice is None:
+        return ToolPlan([], None, None, None)
+    chosen_parser = choose_parser(template_source(tokenizer, chat_template, True), parser)
+    if choice == "auto":
+        return ToolPlan(tools, choice, chosen_parser, None)
+    chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
+    return ToolPlan(tools, choice, chosen_parser,
+                    chosen_parser.constraint(chosen, parallel_tool_calls and choice == "required"))
+
+
+def prepare_messages(tokenizer: Any, chat_template: str | None, messages: list[dict[str, Any]], plan: ToolPlan
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages to render, and the `tools` template variable (None when the template does not take it or no
+    tools are offered)."""
+    has_calls = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+    if not plan.tools and not has_calls:
+        return messages, None
+    takes = template_takes_tools(template_source(tokenizer, chat_template, bool(plan.tools)))
+    return template_messages(messages, plan.tools, takes), (plan.tools if plan.tools and takes else None)
+
+
+def parse_output(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(content, OpenAI tool_calls or None) of a generated answer."""
+    if plan.parser is None:
+        return text, None
+    content, calls = plan.parser.parse(text)
+    return content, [call.to_openai() for call in calls] or None
+
+
 def template_takes_tools(template: str | None) -> bool:
     """Whether the chat template renders a `tools` variable itself."""
     return bool(template) and re.search(r"\btools\b", template) is not None

@@ -17,6 +17,7 @@ TRANSFORMERS_TOP_K = 50  # what transformers samples with when neither the call 
 GENERATION_OPTIONS = frozenset({
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
     "repetition_penalty", "num_return_sequences", "seed", "stop", "stop_strings", "ignore_eos",
+    "structured_outputs",  # a constraint on the output: {json | json_object | regex | choice | grammar}
 })
 
 
@@ -164,7 +165,11 @@ def sampling_params(backend: Any, options: dict[str, Any], prompt_length: int = 
     # The task's own stop strings (a plain completion prompt's) come after the model's.
     request["stop"] = _first(options.get("stop"), options.get("stop_strings"), model_defaults.get("stop"), stop)
     request["logprobs"] = logprobs
-    return spec.sampling_params(**request)
+    params = spec.sampling_params(**request)
+    if options.get("structured_outputs") is not None:
+        params.structured_outputs = options["structured_outputs"]
+        params.__post_init__()  # coerced and checked as SamplingParams does
+    return params
 
 
 def render_template(template: str, **fields: Any) -> str:

@@ -89,9 +89,14 @@ class ChatPipeline(Pipeline):
 
     task = "chat"
     kinds = (DECODER,)
-    task_options = frozenset({"chat_template", "chat_template_kwargs", "system_prompt"})
+    task_options = frozenset({"chat_template", "chat_template_kwargs", "system_prompt", "tools", "tool_choice",
+                              "parallel_tool_calls"})
 
     def __call__(self, conversations: list, **options: Any) -> dict | list:
+        """With `tools` (OpenAI's shape) and `tool_choice`, an answer that calls tools comes back as
+        {"role": "assistant", "content": ..., "tool_calls": [...]}."""
+        from llmasos.tool_calls import parse_output, plan_tools, prepare_messages
+
         generation, task = split_options(self.merged(options))
         single = is_conversation(conversations)
         items = [conversations] if single else list(conversations)
@@ -99,12 +104,26 @@ class ChatPipeline(Pipeline):
             if not is_conversation(item):
                 raise ValueError("chat takes a conversation (a list of {'role': ..., 'content': ...} messages) or a "
                                  "list of conversations")
-        prompts = [chat_prompt_ids(self.model, item, task.get("chat_template"), task.get("system_prompt"),
-                                   **(task.get("chat_template_kwargs") or {})) for item in items]
+        template = task.get("chat_template")
+        plan = plan_tools(self.tokenizer, template, task.get("tools"), task.get("tool_choice"),
+                          task.get("parallel_tool_calls", True))
+        if plan.constraint is not None:
+            if generation.get("structured_outputs") is not None:
+                raise ValueError("structured_outputs cannot be combined with tool_choice required or a named function")
+            generation["structured_outputs"] = plan.constraint
+        prompts = []
+        for item in items:
+            messages, template_tools = prepare_messages(self.tokenizer, template, item, plan)
+            kwargs = {**(task.get("chat_template_kwargs") or {}),
+                      **({"tools": template_tools} if template_tools is not None else {})}
+            prompts.append(chat_prompt_ids(self.model, messages, template, task.get("system_prompt"), **kwargs))
         params = [sampling_params(self.model, generation, len(ids)) for ids in prompts]
         outputs = self.model.generate(prompts, params) if items else []
         results: list = []
         for output in outputs:
-            messages = [{"role": "assistant", "content": completion.text} for completion in output.outputs]
+            messages = []
+            for completion in output.outputs:
+                content, calls = parse_output(plan, completion.text)
+                messages.append({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})})
             results.append(messages[0] if len(messages) == 1 else messages)
         return results[0] if single else results

@@ -20,8 +20,7 @@ from llmasos.engine.validation import (
 )
 from llmasos.errors import TemplateError
 from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
-from llmasos.tool_calls import ToolCallParser, ToolError, check_tools, choose_parser, template_messages, \
-    template_takes_tools
+from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
 from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
@@ -357,17 +356,7 @@ def _message(message) -> dict:
     return out
 
 
-def _template_source(served: ServedModel, tools: bool) -> str | None:
-    from llmasos.chat_template import select_chat_template
-
-    try:
-        return select_chat_template(served.llm.tokenizer.chat_templates, served.chat_template, [] if tools else None)
-    except TemplateError:
-        return None
-
-
-def _render_chat(served: ServedModel, body: ChatCompletionRequest, tools: list[dict], tool_choice: str | None
-                 ) -> list[int]:
+def _render_chat(served: ServedModel, body: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
     """The prompt's token ids. Tools in play (tool_choice other than none) go to the template's own `tools`, or, for a
     template without them, into the system message; earlier tool calls and results are rendered either way."""
     messages = [_message(m) for m in body.messages]
@@ -383,19 +372,15 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest, tools: list[d
         if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
             raise APIError(400, f"chat_template_kwargs.{name} must be a list of objects",
                            param=f"chat_template_kwargs.{name}")
-    if tools and "tools" in extra:
+    if plan.tools and "tools" in extra:
         raise APIError(400, "give tools in the request's tools field, not also in chat_template_kwargs",
                        param="chat_template_kwargs.tools")
-    offered = tools if tool_choice is not None else []
-    has_calls = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-    if offered or has_calls:
-        takes = template_takes_tools(_template_source(served, bool(offered)))
-        try:
-            messages = template_messages(messages, offered, takes)
-        except ToolError as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
-        if offered and takes:
-            extra["tools"] = offered
+    try:
+        messages, template_tools = prepare_messages(served.llm.tokenizer, served.chat_template, messages, plan)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    if template_tools is not None:
+        extra["tools"] = template_tools
     try:
         return served.llm.tokenizer.apply_chat_template(
             messages, add_generation_prompt=body.add_generation_prompt, tokenize=True,
@@ -404,28 +389,20 @@ def _render_chat(served: ServedModel, body: ChatCompletionRequest, tools: list[d
         raise APIError(400, f"could not render the chat template: {exc}", param="messages") from None
 
 
-def _tools_of(state: ServerState, served: ServedModel, body: ChatCompletionRequest
-              ) -> tuple[list[dict], str | None, ToolCallParser | None, StructuredOutputsParams | None]:
-    """tools, the effective tool_choice, the parser of the model's format, and the constraint that forces calls
-    (tool_choice required or a named function)."""
+def _tools_of(state: ServerState, served: ServedModel, body: ChatCompletionRequest) -> ToolPlan:
     try:
-        tools, choice = check_tools(body.tools, body.tool_choice)
+        return plan_tools(served.llm.tokenizer, served.chat_template, body.tools, body.tool_choice,
+                          body.parallel_tool_calls, state.settings.tool_call_parser)
     except ToolError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
-    if choice is None:
-        return tools, None, None, None
-    parser = choose_parser(_template_source(served, True), state.settings.tool_call_parser)
-    if choice == "auto":
-        return tools, choice, parser, None
-    chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
-    return tools, choice, parser, parser.constraint(chosen, body.parallel_tool_calls and choice == "required")
 
 
 async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest):
     served = await use_model(state, request, body.model, "generate", body.keep_alive)
     tokenizer = served.llm.tokenizer
     _check_prompt_size(served, [m.text() for m in body.messages])
-    tools, tool_choice, parser, forced = _tools_of(state, served, body)
+    plan = _tools_of(state, served, body)
+    parser, forced = plan.parser, plan.constraint
     constraint, param = _requested_constraint(body)
     if forced is not None and constraint is not None:
         raise APIError(400, f"{param} cannot be combined with tool_choice {body.tool_choice!r}: the output is then a "
@@ -433,7 +410,7 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     if forced is not None:
         constraint, param = forced, "tools"
     await _check_constraint(state, served, constraint, param)
-    prompt = await run_in_threadpool(_render_chat, served, body, tools, tool_choice)
+    prompt = await run_in_threadpool(_render_chat, served, body, plan)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested is None:  # as much as the context and the whole KV cache leave room for
         info = served.llm.engine.info
@@ -473,12 +450,10 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
 
 
 def _assistant_message(text: str, parser: ToolCallParser | None) -> dict:
-    if parser is None:
-        return {"role": "assistant", "content": text}
-    content, calls = parser.parse(text)
+    content, calls = parse_output(ToolPlan([], None, parser, None), text)
     message = {"role": "assistant", "content": content}
     if calls:
-        message["tool_calls"] = [call.to_openai() for call in calls]
+        message["tool_calls"] = calls
     return message
 
 
