@@ -116,6 +116,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
+        self.num_constrained_requests = 0
         self._process = psutil.Process()
         self._rss = (0.0, 0)
         self.governor = None
@@ -155,6 +156,7 @@ class EngineCore:
                                request.index, next(self._arrivals))
         if params.structured_outputs is not None:  # raises StructuredOutputError before anything is queued
             core_request.matcher = self.grammars.matcher(params.structured_outputs)
+            self.num_constrained_requests += 1
         self.requests[request.request_id] = core_request
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             core_request.finish_reason = "length"
@@ -249,7 +251,9 @@ class EngineCore:
             kv_cache_usage=self.kv.usage, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=self.scheduler.prefix_cache_hit_rate,
             num_generated_tokens=self.num_generated_tokens, num_prompt_tokens=self.num_prompt_tokens_computed,
-            num_kv_blocks=self.kv.num_blocks, num_threads=torch.get_num_threads(), rss_bytes=self._rss[1])
+            num_kv_blocks=self.kv.num_blocks, num_threads=torch.get_num_threads(), rss_bytes=self._rss[1],
+            num_constrained_requests=self.num_constrained_requests,
+            num_grammars_compiled=self.grammars.num_compiled, grammar_compile_seconds=self.grammars.compile_seconds)
 
 
 def _activation_dtype(model: CausalLM) -> torch.dtype:

@@ -167,6 +167,9 @@ class LLMEngine:
             "weight_bytes": info.weight_bytes,
             "kv_cache_bytes": info.kv_cache_bytes,
             "rss_bytes": stats.rss_bytes,
+            "num_constrained_requests": stats.num_constrained_requests,
+            "num_grammars_compiled": stats.num_grammars_compiled,
+            "grammar_compile_seconds": stats.grammar_compile_seconds,
         }
 
     def shutdown(self) -> None:

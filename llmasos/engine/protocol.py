@@ -72,6 +72,9 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_kv_blocks: int = 0
     num_threads: int = 0
     rss_bytes: int = 0
+    num_constrained_requests: int = 0  # structured output: sequences admitted with a constraint
+    num_grammars_compiled: int = 0
+    grammar_compile_seconds: float = 0.0
 
 
 class StepFailure(msgspec.Struct, array_like=True):

@@ -176,6 +176,9 @@ def test_compiled_grammars_are_cached_by_key(llm):
     reordered = dict(reversed(list(schema.items())))  # the same schema, keys in another order
     llm.generate("y", sampled({"json": reordered}, n=3))
     assert grammars.num_compiled == compiled
+    metrics = llm.metrics()
+    assert metrics["num_grammars_compiled"] == compiled and metrics["grammar_compile_seconds"] > 0
+    assert metrics["num_constrained_requests"] >= 5
 
 
 def test_the_constraint_crosses_the_process_boundary_as_plain_data():
