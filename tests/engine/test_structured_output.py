@@ -68,6 +68,18 @@ def test_regex_and_choice_outputs_always_match(llm):
     assert greedy.outputs[0].text in options and greedy.outputs[0].finish_reason == "stop"
 
 
+def test_eos_is_allowed_only_where_the_grammar_accepts(llm):
+    # EOS pushed up by +100: it wins as soon as the mask lets it through, which must not be before [a-z]{3,} holds.
+    eos = {token: 100.0 for token in llm.eos_token_ids}
+    output = llm.generate("Word:", sampled({"regex": "[a-z]{3,}"}, seed=6, logit_bias=eos))[0]
+    for choice in output.outputs:
+        assert re.fullmatch("[a-z]{3,}", choice.text), choice.text
+        assert choice.finish_reason == "stop" and choice.token_ids[-1] in llm.eos_token_ids
+    unconstrained = llm.generate("Word:", SamplingParams(max_tokens=5, temperature=1.0, seed=6, logit_bias=eos))[0]
+    assert unconstrained.outputs[0].token_ids == [unconstrained.outputs[0].token_ids[0]]  # EOS at once otherwise
+    assert unconstrained.outputs[0].token_ids[0] in llm.eos_token_ids
+
+
 def test_json_object_always_parses_to_an_object(llm):
     # Any object admits strings of any length, which a random model never closes: favour the closing characters.
     closing = {llm.tokenizer.encode(c)[-1]: 4.0 for c in ('"', "}")}
