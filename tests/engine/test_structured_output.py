@@ -163,6 +163,15 @@ def test_a_constraint_that_cannot_compile_is_refused_before_anything_is_queued(l
     assert llm.generate("hi", SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids  # still fine
 
 
+def test_one_bad_constraint_in_a_batch_leaves_nothing_queued(llm):
+    good = sampled({"json": SCHEMAS["person"]}, n=2)
+    bad = SamplingParams(max_tokens=5, structured_outputs={"json": {"type": "integer", "minimum": "zero"}})
+    with pytest.raises(StructuredOutputError, match="JSON schema"):
+        llm.generate(["first", "second", "third"], [good, good, bad])
+    assert not llm.engine.has_unfinished() and not llm.engine.core.requests
+    assert not llm.engine.scheduler.waiting and not llm.engine.scheduler.running
+
+
 def test_the_engine_core_refuses_a_bad_constraint_synchronously_in_add_request(llm):
     core: EngineCore = llm.engine.core
     bad = SamplingParams(max_tokens=5, structured_outputs={"regex": "(("})
