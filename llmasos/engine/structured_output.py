@@ -103,6 +103,14 @@ def check_constraint(constraint: StructuredOutputsParams, timeout: float = COMPI
     return grammar
 
 
+def _num_token_ids(tokenizer: dict) -> int:
+    """1 + the largest token id a tokenizer.json names (its model's vocab and its added tokens)."""
+    vocab = tokenizer.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: a list of pieces
+    ids += [token.get("id", 0) for token in tokenizer.get("added_tokens") or []]
+    return max(ids, default=-1) + 1
+
+
 class GrammarCompiler:
     """The engine's half: an llguidance tokenizer for the model's vocabulary (built on first use, ~1 s for 150k
     tokens) and an LRU of compiled matchers by constraint key; each request gets a copy of the compiled one."""
@@ -129,11 +137,13 @@ class GrammarCompiler:
                                             "has none")
             started = time.perf_counter()
             text = Path(self.tokenizer_json).read_text(encoding="utf-8")
-            size = json.loads(text)["model"].get("vocab", {})
-            num_tokens = len(size) if isinstance(size, (dict, list)) else 0
-            n_vocab = self.vocab_size if self.vocab_size >= num_tokens else None
-            eos = self.eos_token_ids or None
-            self._tokenizer = llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=eos)
+            # The bitmask spans the model's rows (padding rows never allowed) or every tokenizer id, if more.
+            n_vocab = max(self.vocab_size, _num_token_ids(json.loads(text)))
+            try:
+                self._tokenizer = llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=self.eos_token_ids or None)
+            except (ValueError, RuntimeError) as exc:
+                raise StructuredOutputError(f"structured_outputs: cannot read this model's tokenizer.json for "
+                                            f"constrained decoding: {exc}") from None
             log.info("structured output: llguidance tokenizer for %d tokens built in %.2f s",
                      self._tokenizer.vocab_size, time.perf_counter() - started)
         return self._tokenizer

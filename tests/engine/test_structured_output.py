@@ -11,12 +11,13 @@ import re
 import jsonschema
 import msgspec
 import pytest
+import torch
 from json_schemas import SCHEMAS
 
 from llmasos import LLM, SamplingParams
 from llmasos.engine.core import EngineCore
 from llmasos.engine.protocol import EngineCoreRequest, input_decoder, input_encoder, sampling_to_dict
-from llmasos.engine.structured_output import check_constraint
+from llmasos.engine.structured_output import apply_bitmask, check_constraint
 from llmasos.engine.validation import StructuredOutputError, StructuredOutputTimeoutError
 from llmasos.sampling_params import StructuredOutputsParams
 
@@ -200,6 +201,19 @@ def test_compiled_grammars_are_cached_by_key(llm):
     metrics = llm.metrics()
     assert metrics["num_grammars_compiled"] == compiled and metrics["grammar_compile_seconds"] > 0
     assert metrics["num_constrained_requests"] >= 5
+
+
+def test_apply_bitmask_masks_only_the_constrained_rows_and_the_vocabulary_padding():
+    logits = torch.zeros(3, 70)  # 70 model rows, a 64-token bitmask: ids 64..69 are padding, never allowed
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)
+    bitmask[0, 0] = 0b101  # row 0 allows tokens 0 and 2
+    bitmask[1, 1] = -(2 ** 31)  # row 2 allows token 63 only (the sign bit)
+    apply_bitmask(logits, [0, 2], bitmask)
+    allowed = {(row, token) for row, token in (logits == 0).nonzero().tolist()}
+    assert allowed == {(0, 0), (0, 2), (2, 63)} | {(1, token) for token in range(70)}
+    every = torch.zeros(2, 64)
+    apply_bitmask(every, [0, 1], bitmask)  # all rows constrained: the in-place path
+    assert {tuple(x) for x in (every == 0).nonzero().tolist()} == {(0, 0), (0, 2), (1, 63)}
 
 
 def test_the_constraint_crosses_the_process_boundary_as_plain_data():
