@@ -116,8 +116,9 @@ class GrammarCompiler:
     tokens) and an LRU of compiled matchers by constraint key; each request gets a copy of the compiled one."""
 
     def __init__(self, tokenizer_json: str | Path | None, vocab_size: int, eos_token_ids: set[int],
-                 cache_size: int = CACHE_SIZE, timeout: float = COMPILE_TIMEOUT_S) -> None:
+                 cache_size: int = CACHE_SIZE, timeout: float = COMPILE_TIMEOUT_S, mask_threads: int = 1) -> None:
         self.tokenizer_json = tokenizer_json
+        self.mask_threads = mask_threads  # llguidance's pool for the rows of one step (chosen, not its 80% of cores)
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.cache_size = cache_size
@@ -180,7 +181,7 @@ class GrammarCompiler:
         computed in parallel by llguidance's thread pool, outside the GIL."""
         bitmask = torch.empty(len(matchers), self.bitmask_width, dtype=torch.int32)
         if self._executor is None:
-            self._executor = llguidance.LLExecutor()
+            self._executor = llguidance.LLExecutor(self.mask_threads)
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                self.bitmask_width * 4, len(matchers))
         return bitmask
