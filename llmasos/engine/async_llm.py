@@ -81,6 +81,10 @@ class AsyncLLM:
             raise EngineDeadError("the engine is not running")
         params = params or SamplingParams()
         token_ids = self.llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if params.structured_outputs is not None:  # a schema not seen before compiles off the event loop
+            from llmasos.engine.structured_output import check_constraint
+
+            await asyncio.to_thread(check_constraint, params.structured_outputs)
         self.validate(token_ids, params)
         request_id = request_id or self.new_request_id()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())

@@ -266,3 +266,34 @@ def test_the_engine_process_enforces_constraints_and_refuses_bad_ones_before_sen
         assert remote.generate("x", sampled({"regex": "[0-9]{3}"}, n=1))[0].outputs[0].text.isdigit()
     finally:
         remote.close()
+
+
+def test_async_llm_checks_constraints_off_the_event_loop_and_refuses_bad_ones(llm):
+    import asyncio
+
+    from llmasos.engine.async_llm import AsyncLLM
+
+    async_llm = AsyncLLM(llm)
+
+    async def collect(params: SamplingParams) -> str:
+        text = ""
+        async for delta in async_llm.generate("Say:", params):
+            text += delta.outputs[0].text
+        return text
+
+    async def main() -> tuple[str, BaseException | None]:
+        loop = asyncio.get_running_loop()
+        loop.slow_callback_duration = 0.05
+        text = await collect(sampled({"json": SCHEMAS["any_of"]}, n=1, seed=3))
+        try:
+            await collect(SamplingParams(structured_outputs={"regex": "[a-"}))
+        except StructuredOutputError as exc:
+            return text, exc
+        return text, None
+
+    try:
+        text, error = asyncio.run(main())
+    finally:
+        async_llm.shutdown()  # an in-process engine only goes idle: the module's LLM stays usable
+    jsonschema.validate(json.loads(text), SCHEMAS["any_of"])
+    assert isinstance(error, StructuredOutputError) and "regex" in str(error)
