@@ -282,8 +282,6 @@ def test_async_llm_checks_constraints_off_the_event_loop_and_refuses_bad_ones(ll
         return text
 
     async def main() -> tuple[str, BaseException | None]:
-        loop = asyncio.get_running_loop()
-        loop.slow_callback_duration = 0.05
         text = await collect(sampled({"json": SCHEMAS["any_of"]}, n=1, seed=3))
         try:
             await collect(SamplingParams(structured_outputs={"regex": "[a-"}))
