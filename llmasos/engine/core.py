@@ -4,6 +4,7 @@ inside the caller's process (InprocClient) or in an engine process of its own (c
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -26,8 +27,8 @@ from llmasos.engine.protocol import (
 )
 from llmasos.engine.request import Request, RequestStatus
 from llmasos.engine.scheduler import Scheduler
-from llmasos.engine.structured_output import GrammarCompiler
-from llmasos.engine.validation import validate_prompt
+from llmasos.engine.structured_output import GrammarCompiler, check_constraint
+from llmasos.engine.validation import StructuredOutputError, validate_prompt
 from llmasos.models import CausalLM
 from llmasos.models.packed_linear import packed_bytes
 from llmasos.spec import EngineOptions, ModelSpec
@@ -121,6 +122,7 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
         self.num_constrained_requests = 0
+        self._awaiting_grammar: list[Request] = []  # constrained requests waiting for the llguidance tokenizer
         self._process = psutil.Process()
         self._rss = (0.0, 0)
         self.governor = None
@@ -158,14 +160,23 @@ class EngineCore:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         core_request = Request(request.request_id, request.prompt_token_ids, params, self.eos_token_ids,
                                request.index, next(self._arrivals))
-        if params.structured_outputs is not None:  # raises StructuredOutputError before anything is queued
-            core_request.matcher = self.grammars.matcher(params.structured_outputs)
+        awaits_grammar = False
+        if params.structured_outputs is not None:  # an invalid one raises StructuredOutputError: nothing is queued
+            if self.grammars.tokenizer_ready:
+                core_request.matcher = self.grammars.matcher(params.structured_outputs)
+            else:  # the engine's first constraint: its tokenizer builds in the background while the engine steps
+                self.grammars.check_tokenizer()
+                check_constraint(params.structured_outputs, self.grammars.timeout)
+                self.grammars.load_tokenizer_in_background()
+                awaits_grammar = True
             self.num_constrained_requests += 1
         self.requests[request.request_id] = core_request
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             core_request.finish_reason = "length"
             core_request.status = RequestStatus.FINISHED
             self._finished_unreported.append(core_request)
+        elif awaits_grammar:
+            self._awaiting_grammar.append(core_request)
         else:
             self.scheduler.add(core_request)
 
@@ -177,12 +188,14 @@ class EngineCore:
                 continue
             if not request.finished:
                 request.finish_reason = "abort"
+            if request in self._awaiting_grammar:
+                self._awaiting_grammar.remove(request)
             if request.status != RequestStatus.FINISHED:
                 self.scheduler.finish(request)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._finished_unreported)
+        return self.scheduler.num_unfinished > 0 or bool(self._finished_unreported) or bool(self._awaiting_grammar)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
@@ -195,6 +208,8 @@ class EngineCore:
         touched: dict[str, Request] = {r.request_id: r for r in self._finished_unreported}
         self._finished_unreported.clear()
         failures: list[StepFailure] = []
+        if self._awaiting_grammar:
+            self._admit_awaiting_grammar(touched, failures)
         out = self.scheduler.schedule()
         if out.scheduled:
             try:
@@ -225,6 +240,26 @@ class EngineCore:
                 self.requests.pop(request.request_id, None)
         return EngineCoreOutputs(outputs, self.stats(), failures)
 
+    def _admit_awaiting_grammar(self, touched: dict[str, Request], failures: list[StepFailure]) -> None:
+        """Constrained requests that arrived before the llguidance tokenizer was built join the scheduler once it
+        is; with nothing else to run, wait for it a little rather than spin."""
+        loading = self.grammars.load_tokenizer_in_background()
+        if not loading.done() and not self.scheduler.num_unfinished:
+            concurrent.futures.wait([loading], timeout=0.05)
+        if not loading.done():
+            return
+        awaiting, self._awaiting_grammar = self._awaiting_grammar, []
+        for request in awaiting:
+            try:
+                request.matcher = self.grammars.matcher(request.params.structured_outputs)
+            except StructuredOutputError as exc:  # a tokenizer llguidance cannot read: those requests fail
+                request.finish_reason = "abort"
+                self.scheduler.finish(request)
+                touched[request.request_id] = request
+                failures.append(StepFailure(str(exc), [request.request_id]))
+            else:
+                self.scheduler.add(request)
+
     def _output(self, request: Request) -> EngineCoreOutput:
         start = request.num_reported
         request.num_reported = len(request.output_token_ids)
@@ -251,7 +286,8 @@ class EngineCore:
         if now - self._rss[0] > 0.5:
             self._rss = (now, self._process.memory_info().rss)
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._awaiting_grammar),
             kv_cache_usage=self.kv.usage, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=self.scheduler.prefix_cache_hit_rate,
             num_generated_tokens=self.num_generated_tokens, num_prompt_tokens=self.num_prompt_tokens_computed,

@@ -77,8 +77,15 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         with self.lock:
             core_requests = self.processor.add(request_id, text, token_ids, params)
-            for core_request in core_requests:
-                self.client.add_request(core_request)
+            added: list[str] = []
+            try:
+                for core_request in core_requests:
+                    self.client.add_request(core_request)
+                    added.append(core_request.request_id)
+            except Exception:  # an in-process core refused it (a constraint it cannot compile): leave no trace
+                self.client.abort(added)
+                self.processor.forget(request_id)
+                raise
         return request_id
 
     def abort(self, request_id: str) -> bool:

@@ -112,8 +112,8 @@ def _num_token_ids(tokenizer: dict) -> int:
 
 
 class GrammarCompiler:
-    """The engine's half: an llguidance tokenizer for the model's vocabulary (built on first use, ~1 s for 150k
-    tokens) and an LRU of compiled matchers by constraint key; each request gets a copy of the compiled one."""
+    """The engine's half: an llguidance tokenizer for the model's vocabulary (built on first use, in the background:
+    ~1 s for 150k tokens) and an LRU of compiled matchers by constraint key; each request gets a copy."""
 
     def __init__(self, tokenizer_json: str | Path | None, vocab_size: int, eos_token_ids: set[int],
                  cache_size: int = CACHE_SIZE, timeout: float = COMPILE_TIMEOUT_S, mask_threads: int = 1) -> None:
@@ -124,29 +124,55 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self.timeout = timeout
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._loading: concurrent.futures.Future | None = None
+        self.tokenizer_seconds = 0.0
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self._executor: llguidance.LLExecutor | None = None
         self.num_compiled = 0
         self.compile_seconds = 0.0
 
+    def check_tokenizer(self) -> None:
+        """Raise StructuredOutputError now if there is no tokenizer.json to build the llguidance tokenizer from."""
+        if self._tokenizer is None and (self.tokenizer_json is None or not Path(self.tokenizer_json).is_file()):
+            raise StructuredOutputError("structured_outputs needs the model's tokenizer.json, and this engine has none")
+
+    @property
+    def tokenizer_ready(self) -> bool:
+        return self._tokenizer is not None
+
+    def load_tokenizer_in_background(self) -> concurrent.futures.Future:
+        """Start building the llguidance tokenizer on a thread of its own (0.7-1.2 s for 150k tokens), so the engine
+        keeps stepping meanwhile; returns the future (its exception is the StructuredOutputError to report)."""
+        with self._lock:
+            if self._loading is None:
+                self._loading = concurrent.futures.Future()
+                threading.Thread(target=self._load, name="llmasos-grammar-tokenizer", daemon=True).start()
+            return self._loading
+
+    def _load(self) -> None:
+        try:
+            self._loading.set_result(self.tokenizer)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            self._loading.set_exception(exc)
+
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
-            if self.tokenizer_json is None or not Path(self.tokenizer_json).is_file():
-                raise StructuredOutputError("structured_outputs needs the model's tokenizer.json, and this engine "
-                                            "has none")
+            self.check_tokenizer()
             started = time.perf_counter()
-            text = Path(self.tokenizer_json).read_text(encoding="utf-8")
-            # The bitmask spans the model's rows (padding rows never allowed) or every tokenizer id, if more.
-            n_vocab = max(self.vocab_size, _num_token_ids(json.loads(text)))
             try:
-                self._tokenizer = llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=self.eos_token_ids or None)
-            except (ValueError, RuntimeError) as exc:
+                text = Path(self.tokenizer_json).read_text(encoding="utf-8")
+                # The bitmask spans the model's rows (padding rows never allowed) or every tokenizer id, if more.
+                n_vocab = max(self.vocab_size, _num_token_ids(json.loads(text)))
+                tokenizer = llguidance.LLTokenizer(text, n_vocab=n_vocab, eos_token=self.eos_token_ids or None)
+            except (OSError, ValueError, RuntimeError, AttributeError, TypeError) as exc:
                 raise StructuredOutputError(f"structured_outputs: cannot read this model's tokenizer.json for "
                                             f"constrained decoding: {exc}") from None
-            log.info("structured output: llguidance tokenizer for %d tokens built in %.2f s",
-                     self._tokenizer.vocab_size, time.perf_counter() - started)
+            self.tokenizer_seconds = time.perf_counter() - started
+            log.info("structured output: llguidance tokenizer for %d tokens built in %.2f s", tokenizer.vocab_size,
+                     self.tokenizer_seconds)
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def matcher(self, constraint: StructuredOutputsParams) -> llguidance.LLMatcher:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import msgspec
@@ -16,6 +17,7 @@ from json_schemas import SCHEMAS
 
 from llmasos import LLM, SamplingParams
 from llmasos.engine.core import EngineCore
+from llmasos.engine.llm_engine import StepError
 from llmasos.engine.protocol import EngineCoreRequest, input_decoder, input_encoder, sampling_to_dict
 from llmasos.engine.structured_output import apply_bitmask, check_constraint
 from llmasos.engine.validation import StructuredOutputError, StructuredOutputTimeoutError
@@ -295,3 +297,46 @@ def test_async_llm_checks_constraints_off_the_event_loop_and_refuses_bad_ones(ll
         async_llm.shutdown()  # an in-process engine only goes idle: the module's LLM stays usable
     jsonschema.validate(json.loads(text), SCHEMAS["any_of"])
     assert isinstance(error, StructuredOutputError) and "regex" in str(error)
+
+
+def test_the_first_constraint_waits_for_the_tokenizer_while_other_requests_run(tiny_checkpoint, monkeypatch):
+    """The llguidance tokenizer (~1 s for a 150k vocabulary) builds in the background on the engine's first
+    constraint: the engine goes on stepping the others, and a request aborted while it waits simply goes away."""
+    llm = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=100)
+    engine, core = llm.engine, llm.engine.core
+    release = threading.Event()
+    build = core.grammars._load
+    monkeypatch.setattr(core.grammars, "_load", lambda: (release.wait(60), build()))
+    free_id = engine.add_request("The quick", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    json_id = engine.add_request("JSON:", sampled({"json": SCHEMAS["person"]}, n=1))
+    doomed = engine.add_request("Digits:", sampled({"regex": "[0-9]+"}, n=1))
+    assert len(core._awaiting_grammar) == 2 and core.stats().num_waiting == 3  # with the free one
+    done = {}
+    for _ in range(50):
+        done.update({g.request_id: g.output() for g in engine.step() if g.finished})
+        if free_id in done:
+            break
+    assert len(done[free_id].outputs[0].token_ids) == 6 and not core.grammars.tokenizer_ready
+    engine.abort(doomed)
+    assert [r.request_id for r in core._awaiting_grammar] == [json_id]
+    release.set()
+    result = engine.run_to_completion([json_id])[json_id]
+    jsonschema.validate(json.loads(result.outputs[0].text), SCHEMAS["person"])
+    assert not core.requests and not core.has_work
+
+
+def test_a_tokenizer_llguidance_cannot_read_fails_the_request_not_the_engine(tiny_checkpoint, tmp_path):
+    llm = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=100)
+    grammars = llm.engine.core.grammars
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "nonsense"}}')
+    grammars.tokenizer_json = tmp_path / "tokenizer.json"
+    with pytest.raises(StepError, match="cannot read this model's tokenizer.json"):
+        llm.generate("x", sampled({"regex": "[a-z]+"}, n=1))
+    assert not llm.engine.has_unfinished() and not llm.engine.core.requests
+    grammars.tokenizer_json = None  # no tokenizer at all: refused at once, in add_request
+    fresh = LLM.load(tiny_checkpoint, dtype="float32", num_kv_blocks=100)
+    fresh.engine.core.grammars.tokenizer_json = None
+    with pytest.raises(StructuredOutputError, match="needs the model's tokenizer.json"):
+        fresh.generate("x", sampled({"regex": "[a-z]+"}, n=1))
+    assert not fresh.engine.has_unfinished()
+    assert fresh.generate("x", SamplingParams(max_tokens=3))[0].outputs[0].token_ids
