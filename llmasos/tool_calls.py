@@ -360,8 +360,13 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]
     return plain
 
 
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    function = dict(call.get("function") or {})
+def _template_call(call: Any) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments", ""), (str, dict))):
+        raise ToolError('each tool call in messages must be {"id", "type": "function", "function": {"name", '
+                        '"arguments"}}', "messages")
+    function = dict(function)
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:

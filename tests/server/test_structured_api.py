@@ -210,6 +210,10 @@ def test_bad_tool_call_arguments_in_history_are_a_400(long_server):
     response = httpx.post(long_server.base_url + "/v1/chat/completions",
                           json={"model": MODEL, "messages": messages, "tools": TOOLS, "max_tokens": 2})
     assert assert_error(response, 400)["param"] == "messages"
+    messages[1]["tool_calls"] = [{}]  # found by schemathesis: a call without a function
+    response = httpx.post(long_server.base_url + "/v1/chat/completions",
+                          json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert "each tool call" in assert_error(response, 400)["message"]
 
 
 # --- the parsers, on the formats of the families ----------------------------------------------------------------
