@@ -8,10 +8,11 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import DateTime, Float, Integer, String, func, select
+from sqlalchemy import Boolean, DateTime, Float, Integer, String, false, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from llmasos.db import Base, session
+from llmasos.server.limits_store import add_used_tokens, ensure_counter, used_tokens
 
 KEY_PREFIX = "sk-llmasos-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -37,6 +38,8 @@ class ApiKey(Base):
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     models: Mapped[str | None] = mapped_column(String(2048), nullable=True)  # comma-separated allow-list
+    # May use the admin endpoints (adapters, the web console); revision 0002.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class UsageRecord(Base):
@@ -63,6 +66,7 @@ class KeyInfo:
     tpm: int | None
     max_concurrency: int | None
     models: tuple[str, ...] | None
+    admin: bool = False  # may use the admin endpoints
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -74,7 +78,7 @@ def hash_key(key: str) -> str:
 
 def create_key(name: str, token_quota: int | None = None, rpm: int | None = None, tpm: int | None = None,
                max_concurrency: int | None = None, models: list[str] | None = None,
-               expires: dt.datetime | None = None) -> str:
+               expires: dt.datetime | None = None, admin: bool = False) -> str:
     """Create a key and return its secret (the only time it is ever shown)."""
     if not _NAME.match(name or ""):
         raise ValueError(f"key name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'")
@@ -88,7 +92,8 @@ def create_key(name: str, token_quota: int | None = None, rpm: int | None = None
             raise ValueError(f"a key named {name!r} already exists; revoke it first or pick another name")
         db.add(ApiKey(name=name, key_hash=hash_key(secret), key_prefix=secret[:16], token_quota=token_quota, rpm=rpm,
                       tpm=tpm, max_concurrency=max_concurrency, expires_at=expires,
-                      models=",".join(models) if models else None))
+                      models=",".join(models) if models else None, admin=admin))
+        ensure_counter(db, name)
     return secret
 
 
@@ -106,7 +111,8 @@ def list_keys() -> list[dict]:
         return [{"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(timespec="seconds"),
                  "expires_at": k.expires_at.isoformat(timespec="seconds") if k.expires_at else None,
                  "revoked": k.revoked_at is not None, "token_quota": k.token_quota, "rpm": k.rpm, "tpm": k.tpm,
-                 "max_concurrency": k.max_concurrency, "models": k.models.split(",") if k.models else None}
+                 "max_concurrency": k.max_concurrency, "models": k.models.split(",") if k.models else None,
+                 "admin": bool(k.admin)}
                 for k in rows]
 
 
@@ -133,21 +139,23 @@ def lookup_key(secret: str) -> KeyInfo | None:
         if key is None or key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
             return None
         return KeyInfo(key.name, key.token_quota, key.rpm, key.tpm, key.max_concurrency,
-                       tuple(key.models.split(",")) if key.models else None)
+                       tuple(key.models.split(",")) if key.models else None, bool(key.admin))
 
 
 def tokens_used(key_name: str) -> int:
-    with session() as db:
-        total = db.scalar(select(func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0))
-                          .where(UsageRecord.key_name == key_name))
-        return int(total or 0)
+    """Prompt + completion tokens metered for the key: its counter, kept in step with its usage rows."""
+    return used_tokens(key_name)
 
 
 def record_usage(key_name: str | None, model: str, route: str, request_id: str, prompt_tokens: int,
                  completion_tokens: int, cost: float) -> None:
+    """One usage row, and the key's quota counter moved by as much, in one transaction (so never one without the
+    other, whichever server writes it)."""
     with session() as db:
         db.add(UsageRecord(key_name=key_name, model=model, route=route, request_id=request_id,
                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost))
+        if key_name is not None:
+            add_used_tokens(db, key_name, prompt_tokens + completion_tokens)
 
 
 def usage_summary(key_name: str | None = None, since: dt.datetime | None = None) -> list[dict]:
