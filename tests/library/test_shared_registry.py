@@ -49,7 +49,8 @@ def test_a_pulled_model_is_fetched_onto_another_server_into_the_same_directory(c
     assert cli("pull", REPO).exit_code == 0
     row = get_model("tiny-model")
     home_b = second_server()
-    with pytest.raises(LibraryError, match=r"missing from this server's store .*`llmasos pull Org/Tiny-Model:") as error:
+    expected = r"missing from this server's store .*`llmasos pull Org/Tiny-Model:"
+    with pytest.raises(LibraryError, match=expected) as error:
         resolve.resolve_model("tiny-model")
     command = str(error.value).split("`")[1].split()[2:]  # the pull the message names
     result = cli("pull", *command)

@@ -205,3 +205,34 @@ def test_a_replica_killed_mid_stream_releases_its_reservation_when_the_lease_exp
             assert answer.status_code == 429
             assert time.monotonic() - killed_at < LEASE_SECONDS + 1.0, "the reservation outlived its lease"
             time.sleep(0.1)
+
+
+def test_a_replica_with_its_own_home_serves_the_library_of_the_shared_registry(cluster, tmp_path_factory):
+    """The bundled model registered through one home is served by a replica whose store never held its files."""
+    _, _, database_url = cluster
+    first, second = tmp_path_factory.mktemp("library-a"), tmp_path_factory.mktemp("library-b")
+    env = {**os.environ, "LLMASOS_HOME": str(first), "LLMASOS_DATABASE_URL": database_url}
+    subprocess.run([sys.executable, "-m", "llmasos", "list"], check=True, env=env, cwd=REPO_ROOT,
+                   capture_output=True)  # registers the bundled model in the shared registry, its files in `first`
+    port = free_port()
+    env = {**env, "LLMASOS_HOME": str(second)}
+    with open(second / "server.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "llmasos", "serve", "--port", str(port), "--num-threads",
+                                    "1", "--engine-in-process", "--log-level", "warning"], cwd=REPO_ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    replica = Replica(f"http://127.0.0.1:{port}", second, process)
+    try:
+        wait_healthy(replica)
+        from llmasos.server import auth
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("LLMASOS_DATABASE_URL", database_url)
+            key = auth.create_key("library-user")
+        answer = httpx.post(replica.url + "/v1/completions", headers=bearer(key), timeout=60,
+                            json={"model": "shakespeare:tiny", "prompt": "ROMEO:", "max_tokens": 3})
+        assert answer.status_code == 200, answer.text
+        assert not (second / "models" / "checkpoints").exists() or not any((second / "models" / "checkpoints")
+                                                                            .iterdir())
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
