@@ -12,10 +12,23 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, case, delete, func, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.orm import Mapped, mapped_column
 
-from llmasos.db import Base, session
+from llmasos.db import Base, connection
 
 WINDOW_SECONDS = 60.0
 
@@ -59,7 +72,7 @@ class Window:
     used_tokens: int  # metered so far (the quota's count)
 
 
-def _lock_key(db: Session, key_name: str, now: dt.datetime) -> int:
+def _lock_key(db: Connection, key_name: str, now: dt.datetime) -> int:
     """Take the key's row lock (creating its row on first use); returns the tokens it has used."""
     statement = (update(KeyCounter).where(KeyCounter.key_name == key_name).values(touched_at=now)
                  .returning(KeyCounter.used_tokens))
@@ -70,22 +83,20 @@ def _lock_key(db: Session, key_name: str, now: dt.datetime) -> int:
     return int(used or 0)
 
 
-def ensure_counter(db: Session, key_name: str) -> None:
+def ensure_counter(db: Connection, key_name: str) -> None:
     """Insert the key's counter row unless another server just did."""
-    dialect = db.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # other databases: a plain insert (a concurrent first use of one key may then fail once)
-        if db.get(KeyCounter, key_name) is None:
-            db.add(KeyCounter(key_name=key_name, used_tokens=0))
-            db.flush()
-        return
-    db.execute(insert(KeyCounter).values(key_name=key_name, used_tokens=0).on_conflict_do_nothing())
+    dialect = db.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        from importlib import import_module
+
+        upsert = import_module(f"sqlalchemy.dialects.{dialect}").insert
+        db.execute(upsert(KeyCounter).values(key_name=key_name, used_tokens=0).on_conflict_do_nothing())
+    elif db.scalar(select(KeyCounter.key_name).where(KeyCounter.key_name == key_name)) is None:
+        # other databases: a plain insert (a concurrent first use of one key may then fail once)
+        db.execute(insert(KeyCounter).values(key_name=key_name, used_tokens=0))
 
 
-def _window(db: Session, key_name: str, now: dt.datetime, used_tokens: int) -> Window:
+def _window(db: Connection, key_name: str, now: dt.datetime, used_tokens: int) -> Window:
     start = now - dt.timedelta(seconds=WINDOW_SECONDS)
     live = (AdmissionRow.released_at.is_(None)) & (AdmissionRow.expires_at > now)
     recent = AdmissionRow.released_at > start
@@ -105,28 +116,29 @@ def _window(db: Session, key_name: str, now: dt.datetime, used_tokens: int) -> W
 
 def admit(key_name: str, decide, lease_seconds: float) -> tuple[int, Window]:
     """Admit one request of `key_name` atomically across servers. `decide(window)` returns (sequences,
-    reserved_tokens) to admit or raises Refused; returns (admission id, the window before this admission)."""
+    reserved_tokens) to admit or raises (a refusal); returns (admission id, the window before this admission)."""
     now = utcnow()
-    with session() as db:
+    with connection() as db:
         used = _lock_key(db, key_name, now)
-        # Rows that can no longer count: out of the window and released, or lapsed.
-        old = now - dt.timedelta(seconds=WINDOW_SECONDS)
-        lapsed = AdmissionRow.released_at.is_(None) & (AdmissionRow.expires_at < now)
-        db.execute(delete(AdmissionRow).where(AdmissionRow.key_name == key_name, AdmissionRow.admitted_at < old,
-                                              (AdmissionRow.released_at < old) | lapsed))
         window = _window(db, key_name, now, used)
         sequences, reserved = decide(window)
-        row = AdmissionRow(key_name=key_name, admitted_at=now, sequences=sequences, reserved_tokens=reserved,
-                           expires_at=now + dt.timedelta(seconds=lease_seconds))
-        db.add(row)
-        db.flush()
-        return row.id, window
+        admission_id = db.execute(insert(AdmissionRow).values(
+            key_name=key_name, admitted_at=now, sequences=sequences, reserved_tokens=reserved, released_at=None,
+            tokens=0, expires_at=now + dt.timedelta(seconds=lease_seconds)).returning(AdmissionRow.id)).scalar_one()
+        return admission_id, window
 
 
-def release(admission_id: int, tokens: int) -> None:
-    with session() as db:
+def release(admission_id: int, key_name: str, tokens: int) -> None:
+    """Mark the admission released with the tokens it used; drop the key's rows that can no longer count (out of
+    the window and released, or lapsed) while here, outside the key's lock."""
+    now = utcnow()
+    old = now - dt.timedelta(seconds=WINDOW_SECONDS)
+    lapsed = AdmissionRow.released_at.is_(None) & (AdmissionRow.expires_at < now)
+    with connection() as db:
         db.execute(update(AdmissionRow).where(AdmissionRow.id == admission_id, AdmissionRow.released_at.is_(None))
-                   .values(released_at=utcnow(), tokens=tokens))
+                   .values(released_at=now, tokens=tokens))
+        db.execute(delete(AdmissionRow).where(AdmissionRow.key_name == key_name, AdmissionRow.admitted_at < old,
+                                              (AdmissionRow.released_at < old) | lapsed))
 
 
 def renew(admission_ids: list[int], lease_seconds: float) -> None:
@@ -134,12 +146,12 @@ def renew(admission_ids: list[int], lease_seconds: float) -> None:
     if not admission_ids:
         return
     expires = utcnow() + dt.timedelta(seconds=lease_seconds)
-    with session() as db:
+    with connection() as db:
         db.execute(update(AdmissionRow).where(AdmissionRow.id.in_(admission_ids), AdmissionRow.released_at.is_(None))
                    .values(expires_at=expires))
 
 
-def add_used_tokens(db: Session, key_name: str, tokens: int) -> None:
+def add_used_tokens(db: Connection, key_name: str, tokens: int) -> None:
     """Count metered tokens against the key's quota, in the transaction that writes their usage row."""
     if not tokens:
         return
@@ -151,5 +163,5 @@ def add_used_tokens(db: Session, key_name: str, tokens: int) -> None:
 
 
 def used_tokens(key_name: str) -> int:
-    with session() as db:
+    with connection() as db:
         return int(db.scalar(select(KeyCounter.used_tokens).where(KeyCounter.key_name == key_name)) or 0)

@@ -215,7 +215,7 @@ class Limiter:
                     window, in_flight=max(0, window.in_flight - admission.sequences),
                     reserved=max(0, window.reserved - admission.reserved), tokens=window.tokens + total_tokens))
         try:
-            limits_store.release(admission.admission_id, total_tokens)
+            limits_store.release(admission.admission_id, admission.key.name, total_tokens)
         except Exception:
             log.exception("could not release admission %s of key %r; it lapses in %.0f s", admission.admission_id,
                           admission.key.name, self.lease)
