@@ -1,8 +1,9 @@
 """What auth + limits + metering add per request, SQLite against PostgreSQL, at 64 concurrent clients, max_tokens=1.
 
 Two measurements per database:
-  * direct: 64 threads each running one request's database work back to back (look the key up, admit it against
-    rpm/tpm/concurrency/quota, write its usage row, release it): requests/s and p50/p99 of that work;
+  * direct: one request's database work (look the key up, admit it against rpm/tpm/concurrency/quota, write its
+    usage row, release it) back to back in 1 thread (its own cost), then in 64 threads sharing one key: requests/s
+    and p50/p99 of that work;
   * end to end: a real `llmasos serve --model DIR` (tiny random model) answering 64 concurrent clients, once with no
     key in the database (no auth, nothing metered by key) and once with a key that has every limit set (high enough
     never to refuse): requests/s and p50/p99 latency of each; "added" is keyed minus keyless.
@@ -48,8 +49,8 @@ def summary(latencies: list[float], seconds: float) -> dict:
             "p99_ms": round(1000 * percentile(latencies, .99), 2)}
 
 
-def direct(url: str, num_requests: int) -> dict:
-    """64 threads doing one request's database work each, back to back."""
+def direct(url: str, num_requests: int, clients: int = CLIENTS) -> dict:
+    """`clients` threads doing one request's database work each, back to back, all with one key."""
     os.environ["LLMASOS_DATABASE_URL"] = url
     from llmasos.db import dispose_all
     from llmasos.server.auth import create_key, lookup_key, record_usage
@@ -60,7 +61,7 @@ def direct(url: str, num_requests: int) -> dict:
     limiter = Limiter()
     latencies: list[float] = []
     lock = threading.Lock()
-    per_thread = num_requests // CLIENTS
+    per_thread = num_requests // clients
 
     def work() -> None:
         mine = []
@@ -74,7 +75,7 @@ def direct(url: str, num_requests: int) -> dict:
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=work) for _ in range(CLIENTS)]
+    threads = [threading.Thread(target=work) for _ in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -163,8 +164,9 @@ def main() -> None:
 
         results: dict[str, dict] = {}
         for name in ("sqlite", "postgresql"):
-            results[name] = {"direct": direct(new_database(name), args.requests)}
-            print(name, "direct", json.dumps(results[name]["direct"]), flush=True)
+            results[name] = {"direct_1_client": direct(new_database(name), args.requests // 8, clients=1),
+                             "direct": direct(new_database(name), args.requests)}
+            print(name, "direct", json.dumps(results[name]), flush=True)
         if not args.skip_http:
             from support import family_config, make_checkpoint
 

@@ -55,8 +55,10 @@ def _new_engine(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # Every request thread may hold a connection for one short transaction (the server's threadpool has 40).
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
+    # Every request thread may hold a connection for one short transaction (the server's threadpool has 40). No
+    # pre-ping: it is a round trip per transaction (four a request); after a database restart the first statement on
+    # a dead connection fails, and SQLAlchemy then replaces the whole pool.
+    return create_engine(url, pool_size=10, max_overflow=40)
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -86,6 +88,7 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
