@@ -165,3 +165,19 @@ def test_revoking_the_only_key_locks_the_server_rather_than_opening_it(tmp_path,
         assert_error(httpx.get(service.base_url + "/v1/models"), 401)
     finally:
         service.stop()
+
+
+def test_admin_keys(home):
+    secret, plain = create_key("an-admin", "--admin"), create_key("not-admin")
+    listed = {row["name"]: row for row in json.loads(cli("keys", "list", "--json").stdout)}
+    assert listed["an-admin"]["admin"] is True and listed["not-admin"]["admin"] is False
+    assert auth.lookup_key(plain).admin is False
+    assert auth.lookup_key(secret).admin is True
+    assert "an-admin" in cli("keys", "list").stdout
+
+
+def test_limits_beyond_the_column_range_are_refused_with_the_range(home):
+    too_many = cli("keys", "create", "--name", "huge-rpm", "--rpm", str(2**31), check=False)
+    assert too_many.returncode == 1 and "rpm must be an integer from 1 to 2147483647" in too_many.stderr
+    big_quota = create_key("big-quota", "--token-quota", str(10**12))  # BIGINT: fine on both databases
+    assert auth.lookup_key(big_quota).token_quota == 10**12

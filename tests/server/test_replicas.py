@@ -61,7 +61,18 @@ def wait_healthy(replica: Replica, timeout: float = 120.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(postgres, long_checkpoint, tmp_path_factory):
+def replica_checkpoint(tmp_path_factory) -> Path:
+    """A tiny model with a 16k context: a stream of 15,000 tokens is still running on a busy machine when the test
+    kills its server (a 2k-context stream could finish into the socket buffers first)."""
+    from support import family_config, make_checkpoint
+
+    directory = tmp_path_factory.mktemp("checkpoints") / MODEL_ID
+    make_checkpoint(directory, family_config("qwen2", num_hidden_layers=2, max_position_embeddings=16384), seed=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres, replica_checkpoint, tmp_path_factory):
     from llmasos.db import dispose_all, upgrade
     from llmasos.server import auth
 
@@ -74,7 +85,7 @@ def cluster(postgres, long_checkpoint, tmp_path_factory):
         keys["rpm"] = auth.create_key("rpm", rpm=30)
         keys["crash"] = auth.create_key("crash", max_concurrency=1)
         keys["revoked"] = auth.create_key("revoked")
-        replicas = [start_replica(long_checkpoint, tmp_path_factory.mktemp(f"replica{i}"), database_url)
+        replicas = [start_replica(replica_checkpoint, tmp_path_factory.mktemp(f"replica{i}"), database_url)
                     for i in range(3)]
         try:
             for replica in replicas:
@@ -185,7 +196,7 @@ def test_a_key_revoked_through_one_replica_is_refused_by_the_others_within_a_sec
 def test_a_replica_killed_mid_stream_releases_its_reservation_when_the_lease_expires(cluster):
     replicas, keys, database_url = cluster
     victim, survivor = replicas[2], replicas[0]
-    body = {"model": MODEL_ID, "prompt": "to be", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL_ID, "prompt": "to be", "max_tokens": 15000, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", victim.url + "/v1/completions", json=body,
                            headers=bearer(keys["crash"])) as response:
