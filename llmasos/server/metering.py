@@ -226,10 +226,14 @@ class Limiter:
             self._renewer.start()
 
     def _renew_forever(self) -> None:
+        """Renew this server's running requests until none is left (the next admission starts a new renewer)."""
         while True:
             time.sleep(self.lease / 3)
             with self._lock:
                 live = sorted(self._live)
+                if not live:
+                    self._renewer = None
+                    return
             try:
                 limits_store.renew(live, self.lease)
             except Exception:

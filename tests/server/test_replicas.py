@@ -196,12 +196,19 @@ def test_a_key_revoked_through_one_replica_is_refused_by_the_others_within_a_sec
 def test_a_replica_killed_mid_stream_releases_its_reservation_when_the_lease_expires(cluster):
     replicas, keys, database_url = cluster
     victim, survivor = replicas[2], replicas[0]
-    body = {"model": MODEL_ID, "prompt": "to be", "max_tokens": 15000, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL_ID, "prompt": "to be", "max_tokens": 15000, "min_tokens": 15000, "stream": True,
+            "ignore_eos": True}
     with httpx.Client(timeout=60) as client:
+        completed = [0, 0]  # what the victim's completed requests returned
+        for _ in range(3):
+            usage = client.post(victim.url + "/v1/completions", headers=bearer(keys["crash"]),
+                                json={"model": MODEL_ID, "prompt": "x", "max_tokens": 4}).json()["usage"]
+            completed = [completed[0] + usage["prompt_tokens"], completed[1] + usage["completion_tokens"]]
         with client.stream("POST", victim.url + "/v1/completions", json=body,
                            headers=bearer(keys["crash"])) as response:
             assert response.status_code == 200
-            next(response.iter_lines())  # the stream is running: its reservation holds the key's one slot
+            lines = response.iter_lines()
+            next(lines)  # the stream is running: its reservation holds the key's one slot
             held = client.post(survivor.url + "/v1/completions", headers=bearer(keys["crash"]),
                                json={"model": MODEL_ID, "prompt": "x", "max_tokens": 1})
             assert held.status_code == 429 and "concurrent" in held.json()["error"]["message"]
@@ -216,6 +223,10 @@ def test_a_replica_killed_mid_stream_releases_its_reservation_when_the_lease_exp
             assert answer.status_code == 429
             assert time.monotonic() - killed_at < LEASE_SECONDS + 1.0, "the reservation outlived its lease"
             time.sleep(0.1)
+    # The victim's completed requests were metered before their answers were sent: the kill lost none of them.
+    prompt, completion = usage_by_key(database_url)["crash"]
+    assert prompt >= completed[0] + 1 and completion >= completed[1] + 1  # + the survivor's one-token request
+    assert (prompt, completion) == (completed[0] + answer.json()["usage"]["prompt_tokens"], completed[1] + 1)
 
 
 def test_a_replica_with_its_own_home_serves_the_library_of_the_shared_registry(cluster, tmp_path_factory):
