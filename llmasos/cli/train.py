@@ -68,6 +68,11 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
               help="Run directory: checkpoints, metrics.jsonl, and the final model in OUTPUT/final.")
 @click.option("--method", type=click.Choice(["full", "lora"]), default=None, help="Full fine-tuning or LoRA.")
+@click.option("--task", "--objective", "objective", type=click.Choice(["causal", "mlm", "classification"]),
+              default=None, help="What to learn: causal (next token; decoders), mlm (masked LM; BERT) or "
+                                 "classification (data of {text, [text_pair], label}).  [default: causal]")
+@click.option("--mlm-probability", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Share of tokens masked by --objective mlm.  [default: 0.15]")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
@@ -84,7 +89,8 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
               help="Resume from a checkpoint directory or a run directory (its latest checkpoint).")
 @click.option("--config", "recipe_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A YAML recipe; options given here override it.")
-def train(model, model_config, tokenizer, data, eval_data, eval_split, output, method, max_steps, epochs, batch_size,
+def train(model, model_config, tokenizer, data, eval_data, eval_split, output, method, objective, mlm_probability,
+          max_steps, epochs, batch_size,
           gradient_accumulation_steps, learning_rate, max_seq_length, seed, save_steps, bf16, fsdp, device, resume,
           recipe_path) -> None:
     """Train a model and write a loadable checkpoint to OUTPUT/final."""
@@ -112,7 +118,8 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         raise click.UsageError("give --eval-data or --eval-split, not both")
 
     training = dict(recipe.get("training", {}))
-    overrides = {"method": method, "max_steps": max_steps, "num_train_epochs": epochs, "learning_rate": learning_rate,
+    overrides = {"method": method, "objective": objective, "mlm_probability": mlm_probability,
+                 "max_steps": max_steps, "num_train_epochs": epochs, "learning_rate": learning_rate,
                  "gradient_accumulation_steps": gradient_accumulation_steps, "max_seq_length": max_seq_length,
                  "seed": seed, "save_steps": save_steps, "bf16": bf16, "fsdp": fsdp, "device": device}
     training.update({key: value for key, value in overrides.items() if value is not None})
@@ -127,8 +134,11 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         training["per_device_train_batch_size"] = global_batch // (ctx.world_size * accumulation)
         args = TrainingArguments.from_dict(training)
 
-        train_records = read_records(data)
-        eval_records = read_records(eval_data, "eval_data") if eval_data else None
+        from llmasos.train.labels import read_labelled
+
+        reader = read_labelled if args.objective == "classification" else read_records
+        train_records = reader(data)
+        eval_records = reader(eval_data, "eval_data") if eval_data else None
         if eval_split:
             train_records, eval_records = hold_out(train_records, eval_split)
         if model:
@@ -149,18 +159,25 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         if args.method == "lora":
             trainer.save_pretrained(output / "adapter")
         if ctx.is_main:
-            _summary(result, final, time.perf_counter() - started)
+            _summary(result, final, time.perf_counter() - started, trainer, eval_records, args)
     finally:
         teardown(ctx)
 
 
-def _summary(result, final: Path, seconds: float) -> None:
+def _summary(result, final: Path, seconds: float, trainer=None, eval_records=None, args=None) -> None:
     steps = f"{result.global_step:,} step{'s' * (result.global_step != 1)}"
     lines = [f"trained {result.parameters_text()} for {steps} in {seconds:.1f}s "
              f"({result.num_train_tokens:,} tokens)"]
     if result.train_loss is not None:
         lines.append(f"final train loss {result.train_loss:.4f}")
-    if result.eval_loss is not None:
+    if result.eval_loss is not None and args is not None and args.objective == "classification":
+        from llmasos.classification import SequenceClassifier
+        from llmasos.eval.classification import evaluate_classification
+
+        scores = evaluate_classification(SequenceClassifier.load(final), eval_records)
+        lines.append(f"eval loss {result.eval_loss:.4f}, accuracy {scores.accuracy:.4f}, "
+                     f"macro-F1 {scores.macro_f1:.4f}")
+    elif result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}, perplexity {result.eval_perplexity:.2f}")
     if result.skipped:
         lines.append("skipped: " + "; ".join(f"{len(v)} {k} (first: {v[0]})" for k, v in result.skipped.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,47 @@ def test_bad_labels_are_clear_errors(tmp_path):
     with pytest.raises(TrainingDataError, match="unknown label 'maybe'"):
         trainer.evaluate([{"text": "a", "label": "maybe"}], args)
     assert math.isfinite(trainer.evaluate(DATA, args)["eval_loss"])
+
+
+def test_cli_train_then_eval_classification(tmp_path):
+    """`llmasos train --task classification` then `llmasos eval classification`: accuracy and macro-F1; bad eval
+    data is one `error:` line."""
+    from click.testing import CliRunner
+
+    from llmasos.cli.main import cli
+
+    source = bert_classifier(tmp_path / "source")
+    data = write_jsonl(tmp_path / "train.jsonl", DATA)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--model", str(source), "--task", "classification", "--data",
+                                      str(data), "--eval-data", str(data), "--output", str(out), "--max-steps", "20",
+                                      "--learning-rate", "5e-3", "--batch-size", "16", "--save-steps", "10"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"eval loss [\d.]+, accuracy 1\.0000, macro-F1 1\.0000", result.output), result.output
+    result = CliRunner().invoke(cli, ["eval", "classification", "--model", str(out / "final"), "--data", str(data),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["metrics"]["accuracy"] == 1.0 and report["metrics"]["macro_f1"] == 1.0
+    assert report["num_examples"] == len(DATA)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*DATA[:2], {"text": "x", "label": "maybe"}])
+    result = CliRunner().invoke(cli, ["eval", "classification", "--model", str(out / "final"), "--data", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (f"error: {bad} line 3: unknown label 'maybe'; the model's "
+                                                      "labels are 'neg', 'pos'")
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"sentence": "x", "label": "pos"}])
+    result = CliRunner().invoke(cli, ["train", "--model", str(source), "--task", "classification", "--data",
+                                      str(missing), "--output", str(tmp_path / "run2")])
+    assert result.exit_code == 1 and "line 1: 'text' must be a string" in result.output
+
+
+def test_macro_f1_equals_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from llmasos.eval.classification import accuracy_and_macro_f1
+
+    references = [0, 1, 2, 2, 1, 0, 0, 3]
+    predictions = [0, 2, 2, 2, 1, 1, 0, 0]
+    result = accuracy_and_macro_f1(predictions, references)
+    assert result.accuracy == pytest.approx(accuracy_score(references, predictions))
+    assert result.macro_f1 == pytest.approx(f1_score(references, predictions, average="macro"))
