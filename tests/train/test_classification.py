@@ -21,7 +21,8 @@ POSITIVE = ["the quick brown fox", "to be or not to be", "operating systems sche
 NEGATIVE = ["outrageous fortune", "slings and arrows", "the lazy dog", "take arms against", "hello world",
             "suffer the slings", "arrows of fortune", "lazy lazy dog"]
 DATA = [{"text": t, "label": "pos"} for t in POSITIVE] + [{"text": t, "label": "neg"} for t in NEGATIVE]
-PAIRS = [{"text": a, "text_pair": b, "label": int(i % 2)} for i, (a, b) in enumerate(zip(POSITIVE, NEGATIVE))]
+PAIRS = [{"text": a, "text_pair": b, "label": i % 2}
+         for i, (a, b) in enumerate(zip(POSITIVE, NEGATIVE, strict=True))]
 STEPS = 6
 LEARNING_RATE = 1e-2
 
@@ -62,8 +63,9 @@ def hf_trainer_losses(directory: Path, rows: list[dict], output: Path, label_nam
     tokenizer = tf.AutoTokenizer.from_pretrained(directory)
     model = tf.AutoModelForSequenceClassification.from_pretrained(directory)
     is_bert = model.config.model_type == "bert"  # the test tokenizer leaves out BERT's segment ids unless asked
-    encoded = [dict(tokenizer(row["text"], row.get("text_pair"), return_token_type_ids=is_bert), labels=label_names.index(row["label"])
-                    if isinstance(row["label"], str) else row["label"]) for row in rows]
+    encoded = [dict(tokenizer(row["text"], row.get("text_pair"), return_token_type_ids=is_bert),
+                    labels=label_names.index(row["label"]) if isinstance(row["label"], str) else row["label"])
+               for row in rows]
     args = tf.TrainingArguments(output_dir=str(output), per_device_train_batch_size=len(rows), max_steps=STEPS,
                                 learning_rate=LEARNING_RATE, logging_steps=1, seed=7, report_to=[], use_cpu=True,
                                 save_strategy="no", disable_tqdm=True, optim="adamw_torch")
