@@ -34,7 +34,7 @@ def _read_recipe(path: Path | None) -> dict[str, Any]:
 
 def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
     """`tokenizer:` is a directory, or {train: {vocab_size: N, ...}} to train one on the training data (saved in
-    OUTPUT/tokenizer and reused when the run is resumed)."""
+    OUTPUT/tokenizer and reused when the run is resumed; `wordpiece: true` for a BERT vocabulary)."""
     from llmasos.tokenizer import Tokenizer
     from llmasos.train.data import texts_of
     from llmasos.train.distributed import barrier
@@ -50,7 +50,12 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
         vocab_size = options.pop("vocab_size", None)
         if not isinstance(vocab_size, int):
             raise ValueError("tokenizer.train needs an integer vocab_size")
-        train_tokenizer(texts_of(train_records), vocab_size, **options).save(directory)
+        if options.pop("wordpiece", False):  # BERT's vocabulary, for --objective mlm
+            from llmasos.train.tokenizer_trainer import train_wordpiece_tokenizer
+
+            train_wordpiece_tokenizer(texts_of(train_records), vocab_size, **options).save(directory)
+        else:
+            train_tokenizer(texts_of(train_records), vocab_size, **options).save(directory)
     barrier(ctx)
     return Tokenizer.from_dir(directory)
 
@@ -192,19 +197,28 @@ def tokenizer_group() -> None:
 
 @tokenizer_group.command("train")
 @click.option("--data", "data", multiple=True, required=True, help="Text to learn from (.txt, .jsonl, .json); repeat.")
-@click.option("--vocab-size", type=click.IntRange(260), required=True, help="Ids in the vocabulary, specials included.")
+@click.option("--vocab-size", type=click.IntRange(6), required=True, help="Ids in the vocabulary, specials included.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--min-frequency", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--special-tokens", default=None,
               help="Comma-separated special tokens, the end-of-text token first.  "
                    "[default: <|endoftext|>,<|pad|>,<|system|>,<|user|>,<|assistant|>,<|end|>]")
 @click.option("--no-chat-template", is_flag=True, help="Save without the default chat template.")
+@click.option("--wordpiece", is_flag=True,
+              help="A BERT WordPiece vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK], lower-cased) for encoders.")
 def tokenizer_train(data: tuple[str, ...], vocab_size: int, output: Path, min_frequency: int,
-                    special_tokens: str | None, no_chat_template: bool) -> None:
-    """Train a byte-level BPE tokenizer and save tokenizer.json + tokenizer_config.json to OUTPUT."""
+                    special_tokens: str | None, no_chat_template: bool, wordpiece: bool) -> None:
+    """Train a byte-level BPE tokenizer (or with --wordpiece a BERT WordPiece one) and save tokenizer.json +
+    tokenizer_config.json to OUTPUT."""
     from llmasos.train.tokenizer_trainer import train_tokenizer_from_files
 
     options: dict[str, Any] = {"min_frequency": min_frequency}
+    if wordpiece:
+        if special_tokens or no_chat_template:
+            raise click.UsageError("--wordpiece has BERT's special tokens and no chat template")
+        tokenizer = train_tokenizer_from_files(list(data), vocab_size, output, wordpiece=True, **options)
+        click.echo(f"trained a WordPiece tokenizer of {tokenizer.vocab_size:,} tokens; saved to {output}")
+        return
     if special_tokens:
         options["special_tokens"] = [token.strip() for token in special_tokens.split(",") if token.strip()]
     if no_chat_template:

@@ -214,9 +214,11 @@ class LLMTrainer:
     def evaluate(self, eval_data: Any, args: TrainingArguments | None = None) -> dict[str, float]:
         """Mean token loss and perplexity on `eval_data` (same formats as train_data), in this process."""
         args = args or TrainingArguments()
-        examples, _ = self.prepare_data(eval_data, args, "eval_data")
-        device = next(self.model.parameters()).device
         objective = objective_for(self, args)
+        examples, _ = self.prepare_data(eval_data, args, "eval_data")
+        if args.objective != "causal":
+            self.model = to_task_model(self, args)
+        device = next(self.model.parameters()).device
         loss = evaluate_loss(objective.loss_module(self.model), examples, args, DistContext(device=device),
                              self._pad_id(), objective)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
