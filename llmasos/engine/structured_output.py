@@ -34,9 +34,9 @@ def grammar_text(constraint: StructuredOutputsParams) -> str:
     """The llguidance grammar (its JSON form) for a constraint. Not yet checked."""
     kind, value = constraint.kind, constraint.value
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(value, overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=JSON_OPTIONS)  # a schema's x-guidance wins
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":  # JSON string literals are Lark string literals
