@@ -159,7 +159,7 @@ def hold_out(records: list[Record], fraction: float) -> tuple[list[Record], list
     records. Returns (train, eval)."""
     if not 0 < fraction < 1:
         raise ValueError(f"the evaluation split must be a fraction between 0 and 1, got {fraction!r}")
-    if len(records) == 1 and records[0].kind == "text":
+    if len(records) == 1 and getattr(records[0], "kind", None) == "text":
         record = records[0]
         cut = int(len(record.text) * (1 - fraction))
         newline = record.text.rfind("\n", 0, cut)

@@ -226,3 +226,27 @@ def test_macro_f1_equals_scikit_learn():
     result = accuracy_and_macro_f1(predictions, references)
     assert result.accuracy == pytest.approx(accuracy_score(references, predictions))
     assert result.macro_f1 == pytest.approx(f1_score(references, predictions, average="macro"))
+
+
+def test_resumed_classification_run_ends_like_the_uninterrupted_one(tmp_path):
+    source = bert_classifier(tmp_path / "source")
+    settings = dict(objective="classification", per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3,
+                    seed=3, save_steps=2, progress_bar=False, logging_steps=1)
+    whole = LLMTrainer.from_pretrained(source)
+    whole.train(DATA, args=TrainingArguments(output_dir=str(tmp_path / "whole"), **settings))
+    resumed = LLMTrainer.from_pretrained(source)
+    resumed.train(DATA, args=TrainingArguments(output_dir=str(tmp_path / "part"), **{**settings, "max_steps": 6}),
+                  resume_from_checkpoint=tmp_path / "whole" / "checkpoint-2")
+    expected = whole.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
+
+
+def test_decoder_causal_checkpoint_gets_a_new_score_head(tiny_qwen2, tmp_path):
+    """A causal-LM checkpoint (no classifier yet): the score head is initialised, the output is a classifier."""
+    trainer, losses = our_run(tiny_qwen2, DATA, tmp_path / "run")
+    assert losses[-1] < losses[0]
+    trainer.save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and config["pad_token_id"] == 2
+    assert torch.allclose(our_logits(trainer, DATA), hf_logits(tmp_path / "out", DATA), atol=1e-5)

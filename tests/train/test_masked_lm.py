@@ -162,3 +162,18 @@ def test_cli_wordpiece_tokenizer_then_mlm_pretraining(tmp_path):
     assert result.exit_code == 0, result.output
     model = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "final")
     assert type(model).__name__ == "BertForMaskedLM"
+
+
+def test_resumed_mlm_run_masks_and_ends_like_the_uninterrupted_one(tmp_path):
+    hf_bert_mlm(tmp_path / "source")
+    settings = dict(objective="mlm", per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, seed=3,
+                    save_steps=3, progress_bar=False, logging_steps=1, max_seq_length=16)
+    whole = LLMTrainer.from_pretrained(tmp_path / "source")
+    whole.train(SENTENCES * 3, args=TrainingArguments(output_dir=str(tmp_path / "whole"), **settings))
+    resumed = LLMTrainer.from_pretrained(tmp_path / "source")
+    result = resumed.train(SENTENCES * 3, args=TrainingArguments(output_dir=str(tmp_path / "part"), **settings),
+                           resume_from_checkpoint=tmp_path / "whole" / "checkpoint-3")
+    assert result.log_history[-1]["loss"] == pytest.approx(whole.state.log_history[-1]["loss"], abs=1e-5)
+    expected = whole.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
