@@ -318,7 +318,8 @@ def load_task_model(path: str | Path, task: str, dtype: str | torch.dtype = "flo
     directory = resolve_directory(path)
     data = read_config_json(directory)
     num_labels = len(data.get("id2label") or {}) or data.get("num_labels") or 2
-    model, missing = attach_head(load_backbone(directory, dtype), task, directory, num_labels)
+    with torch.random.fork_rng(devices=[]):  # loading leaves the caller's random state alone
+        model, missing = attach_head(load_backbone(directory, dtype), task, directory, num_labels)
     if missing:
         raise ModelLoadError(f"{directory} has no {task} head (missing {', '.join(missing[:3])}): it is not a "
                              f"{ENCODER_ARCHITECTURES.get(task, task)}-style checkpoint")

@@ -8,7 +8,8 @@
 
 Tasks: text-generation, text2text-generation, chat, translation (and translation_XX_to_YY), summarization,
 question-answering (extractive for *ForQuestionAnswering checkpoints, generative otherwise), embeddings (alias
-feature-extraction), text-classification (alias sentiment-analysis), fill-mask. See docs/pipelines.md."""
+feature-extraction), text-classification (alias sentiment-analysis), zero-shot-classification, fill-mask. See
+docs/pipelines.md."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from llmasos.pipelines.task_models import (
     MaskedLM,
     TaskModelPipeline,
     TextClassificationPipeline,
+    ZeroShotClassificationPipeline,
     checkpoint_architectures,
 )
 from llmasos.pipelines.text2text import SummarizationPipeline, TranslationPipeline
@@ -41,6 +43,7 @@ TASKS: dict[str, type[Pipeline]] = {
     "embeddings": EmbeddingsPipeline,
     "text-classification": TextClassificationPipeline,
     "fill-mask": FillMaskPipeline,
+    "zero-shot-classification": ZeroShotClassificationPipeline,
 }
 TASK_ALIASES = {"sentiment-analysis": "text-classification", "feature-extraction": "embeddings",
                 "sentence-embeddings": "embeddings", "conversational": "chat"}
@@ -85,8 +88,7 @@ def is_extractive_qa(model: Any) -> bool:
     return any(name.endswith("ForQuestionAnswering") for name in checkpoint_architectures(model))
 
 
-__all__ = ["TASKS", "ChatPipeline", "EmbeddingsPipeline", "ExtractiveQuestionAnsweringPipeline", "FillMaskPipeline",
-           "MaskedLM", "QuestionAnsweringModel", "TextClassificationPipeline", "Pipeline", "QuestionAnsweringPipeline",
-           "Seq2SeqLM",
-           "SummarizationPipeline", "Text2TextGenerationPipeline", "TextGenerationPipeline", "TranslationPipeline",
-           "pipeline"]
+__all__ = ["ChatPipeline", "EmbeddingsPipeline", "ExtractiveQuestionAnsweringPipeline", "FillMaskPipeline",
+           "MaskedLM", "Pipeline", "QuestionAnsweringModel", "QuestionAnsweringPipeline", "Seq2SeqLM",
+           "SummarizationPipeline", "TASKS", "Text2TextGenerationPipeline", "TextClassificationPipeline",
+           "TextGenerationPipeline", "TranslationPipeline", "ZeroShotClassificationPipeline", "pipeline"]

@@ -1,5 +1,6 @@
-"""Pipelines over task heads rather than generation: "text-classification" (alias "sentiment-analysis") and
-"fill-mask", with transformers' inputs, options and output shapes, on `SequenceClassifier` / `MaskedLM`."""
+"""Pipelines over task heads rather than generation: "text-classification" (alias "sentiment-analysis"),
+"zero-shot-classification" (an NLI classifier) and "fill-mask", with transformers' inputs, options and output
+shapes, on `SequenceClassifier` / `MaskedLM`."""
 
 from __future__ import annotations
 
@@ -125,6 +126,50 @@ class TextClassificationPipeline(TaskModelPipeline):
         if function == "none":
             return logits
         raise ValueError(f"function_to_apply must be softmax, sigmoid or none, got {function!r}")
+
+
+class ZeroShotClassificationPipeline(TaskModelPipeline):
+    """`zs("text", candidate_labels=["politics", "sport"])` -> `{"sequence", "labels", "scores"}`, labels sorted by
+    score, with an NLI classifier (a label whose name starts with "entail"): each label becomes the hypothesis
+    `hypothesis_template.format(label)` ("This example is {}."), scored by its entailment logit, softmaxed across the
+    labels; with `multi_label=True` (or one label) entailment against contradiction for each label alone."""
+
+    task = "zero-shot-classification"
+    task_options = frozenset({"candidate_labels", "hypothesis_template", "multi_label", "batch_size"})
+
+    @classmethod
+    def load_backend(cls, model: Any, dtype: str = "auto", device: str = "cpu") -> Any:
+        return TextClassificationPipeline.load_backend(model, dtype, device)
+
+    def __call__(self, sequences: str | list[str], candidate_labels: str | list[str] | None = None,
+                 **options: Any) -> dict | list[dict]:
+        if candidate_labels is not None:
+            options["candidate_labels"] = candidate_labels
+        options = self.merged(options)
+        labels = options.get("candidate_labels")
+        if isinstance(labels, str):
+            labels = [label.strip() for label in labels.split(",") if label.strip()]
+        if not labels:
+            raise ValueError("zero-shot-classification needs candidate_labels (a list, or a comma-separated string)")
+        template = options.get("hypothesis_template", "This example is {}.")
+        if template.format(labels[0]) == template:
+            raise ValueError(f"hypothesis_template {template!r} has no {{}} for the label")
+        names = [name.lower() for name in self.model.labels]
+        entailment = next((index for index, name in enumerate(names) if name.startswith("entail")), -1)
+        contradiction = -1 if entailment == 0 else 0
+        texts = [sequences] if isinstance(sequences, str) else list(sequences)
+        results = []
+        for text in texts:
+            logits = self.model.logits([text] * len(labels), [template.format(label) for label in labels],
+                                       options.get("batch_size", 16), truncation=True).double()
+            if options.get("multi_label", False) or len(labels) == 1:
+                scores = logits[:, [contradiction, entailment]].softmax(-1)[:, 1]
+            else:
+                scores = logits[:, entailment].softmax(-1)
+            order = sorted(range(len(labels)), key=lambda index: -float(scores[index]))
+            results.append({"sequence": text, "labels": [labels[i] for i in order],
+                            "scores": [float(scores[i]) for i in order]})
+        return results[0] if isinstance(sequences, str) else results
 
 
 class FillMaskPipeline(TaskModelPipeline):

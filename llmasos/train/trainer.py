@@ -46,7 +46,9 @@ DEFAULT_MAX_SEQ_LENGTH = 1024
 
 
 class LLMTrainer:
-    """A model being trained: a native CausalLM (float32 master weights), its tokenizer, and the run settings."""
+    """A model being trained: a native CausalLM or BertModel — or, once a run of objective "classification" or
+    "mlm" has begun, that backbone with its task head (models.heads) — in float32 master weights, its tokenizer, and
+    the run settings."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, source: str | None = None,
                  generation_config: dict[str, Any] | None = None, spec: ModelSpec | None = None) -> None:
@@ -71,9 +73,11 @@ class LLMTrainer:
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: ModelSpec | str | Path, dtype: str | torch.dtype | None = None) -> LLMTrainer:
-        """Load a ModelSpec, a library model or a Hugging Face checkpoint directory (our native families) to train
-        further; weights in float32 unless `dtype` (or the spec's dtype) says otherwise. The spec's LoRA adapters are
-        merged in and its chat template used, so training renders conversations exactly as serving that model does."""
+        """Load a ModelSpec, a library model or a Hugging Face checkpoint directory (our native families: decoders,
+        BERT encoders, and classifiers of either) to train further; weights in float32 unless `dtype` (or the spec's
+        dtype) says otherwise. A task head (classifier, masked LM) is put on when a run's objective needs it. The
+        spec's LoRA adapters are merged in and its chat template used, so training renders conversations exactly as
+        serving that model does."""
         spec = resolve_spec(model, dtype=dtype if dtype is not None else "auto")
         if spec.kind == "seq2seq":
             raise ModelLoadError(f"{spec.name} is a seq2seq model; the trainer trains decoders and BERT encoders")

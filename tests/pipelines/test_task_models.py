@@ -200,3 +200,23 @@ def test_extractive_question_answering_equals_transformers(bert_qa):
 def test_generative_question_answering_stays_for_decoders(chat_checkpoint):
     directory, _ = chat_checkpoint
     assert type(pipeline("question-answering", model=directory)) is QuestionAnsweringPipeline
+
+
+def test_zero_shot_classification_equals_transformers(tmp_path):
+    import transformers as tf
+
+    nli = {0: "contradiction", 1: "neutral", 2: "entailment"}
+    torch.manual_seed(4)
+    directory = save(tf.BertForSequenceClassification(bert_config(id2label=nli, label2id={v: k for k, v in
+                                                                                          nli.items()})),
+                     tmp_path, bert_tokenizer())
+    ours, theirs = pipeline("zero-shot-classification", model=directory), hf_pipeline("zero-shot-classification",
+                                                                                       directory)
+    labels = ["fortune", "memory", "dog", "question"]
+    assert_same(ours(TEXTS[1], candidate_labels=labels), theirs(TEXTS[1], candidate_labels=labels))
+    assert_same(ours(TEXTS, candidate_labels="fortune, dog", multi_label=True),
+                theirs(TEXTS, candidate_labels="fortune, dog", multi_label=True))
+    assert_same(ours(TEXTS[0], candidate_labels=["sea"], hypothesis_template="It is about {}."),
+                theirs(TEXTS[0], candidate_labels=["sea"], hypothesis_template="It is about {}."))
+    with pytest.raises(ValueError, match="needs candidate_labels"):
+        ours(TEXTS[0])
