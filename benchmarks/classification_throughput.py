@@ -67,11 +67,10 @@ def main() -> None:
     encoded = [dict(tokenizer(row["text"], return_token_type_ids=True), labels=["neg", "pos"].index(row["label"]))
                for row in rows]
     timer = StepTimes()
-    hf = tf.Trainer(model=tf.AutoModelForSequenceClassification.from_pretrained(directory),
-                    args=tf.TrainingArguments(output_dir=str(directory.parent / "hf"), per_device_train_batch_size=batch,
-                                              max_steps=steps, learning_rate=1e-3, logging_steps=1, seed=7,
-                                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                                              optim="adamw_torch"),
+    hf_args = tf.TrainingArguments(output_dir=str(directory.parent / "hf"), per_device_train_batch_size=batch,
+                                   max_steps=steps, learning_rate=1e-3, logging_steps=1, seed=7, report_to=[],
+                                   use_cpu=True, save_strategy="no", disable_tqdm=True, optim="adamw_torch")
+    hf = tf.Trainer(model=tf.AutoModelForSequenceClassification.from_pretrained(directory), args=hf_args,
                     train_dataset=Dataset.from_list(encoded), data_collator=tf.DataCollatorWithPadding(tokenizer),
                     callbacks=[timer])
     hf.train()
