@@ -106,7 +106,8 @@ class TranslationPipeline(PromptedTaskPipeline):
     """`translate("Hello", src_lang="en", tgt_lang="fr")` -> `[{"translation_text": "Bonjour"}]`.
 
     Languages are codes (en, fr, en_XX, eng_Latn) or English names; the task name "translation_en_to_fr" sets
-    both."""
+    both. Without languages, a seq2seq model gets the text as it is (an instructed input such as T5's
+    "translate English to French: ...")."""
 
     task = "translation"
     template_name = "translation"
@@ -122,9 +123,17 @@ class TranslationPipeline(PromptedTaskPipeline):
         options = self.merged(options)
         texts, single = self.texts_in(inputs, "text")
         src, tgt = options.pop("src_lang", None), options.pop("tgt_lang", None)
+        if not src and not tgt and self.kind == SEQ2SEQ:
+            # An already instructed input ("translate English to French: ..."), given to the model as it is, as
+            # transformers' translation pipeline does for T5.
+            options.setdefault("prompt_template", "{text}")
+            outputs = self.generate([{"text": text, "src_lang": "", "tgt_lang": "", "src_code": "", "tgt_code": ""}
+                                     for text in texts], options)
+            return self.shaped(outputs, "translation_text", single)
         if not src or not tgt:
             raise ValueError("translation needs src_lang and tgt_lang, e.g. pipeline('translation', model=..., "
-                             "src_lang='en', tgt_lang='fr')")
+                             "src_lang='en', tgt_lang='fr'); a T5 model also takes an instructed text without them "
+                             "('translate English to French: ...')")
         languages = {"src_lang": language_name(src), "tgt_lang": language_name(tgt),
                      "src_code": language_code(src) or src, "tgt_code": language_code(tgt) or tgt}
         outputs = self.generate([{"text": text, **languages} for text in texts], options)
