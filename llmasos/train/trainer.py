@@ -217,7 +217,8 @@ class LLMTrainer:
         self.model.eval()
 
     def evaluate(self, eval_data: Any, args: TrainingArguments | None = None) -> dict[str, float]:
-        """Mean token loss and perplexity on `eval_data` (same formats as train_data), in this process."""
+        """Mean loss (per token; per masked token for "mlm"; per example for "classification", whose data are
+        labelled records) and its exponential as perplexity on `eval_data`, in this process."""
         args = args or TrainingArguments()
         objective = objective_for(self, args)
         examples, _ = self.prepare_data(eval_data, args, "eval_data")
