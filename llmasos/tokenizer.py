@@ -229,6 +229,14 @@ class Tokenizer:
         return self._special_token_id("unk_token")
 
     @property
+    def mask_token(self) -> str | None:
+        return self.special_tokens.get("mask_token")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self._special_token_id("mask_token")
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (transformers' `len(tokenizer)`)."""
         return self._backend.get_vocab_size(with_added_tokens=True)

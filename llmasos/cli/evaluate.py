@@ -154,6 +154,54 @@ def generate_command(data: Path, metrics: tuple[str, ...], template: str | None,
     _run(task, **common)
 
 
+@eval_group.command("classification")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help='JSONL with {"text", "label"} or {"text", "text_pair", "label"} per line.')
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@_model_options
+def classification_command(data: Path, batch_size: int, model: str | None, endpoint: str | None,
+                           api_key: str | None, dtype: str, device: str, concurrency: int, limit: int | None,
+                           as_json: bool, output: Path | None) -> None:
+    """Accuracy and macro-F1 of a sequence classifier (a *ForSequenceClassification checkpoint), in process."""
+    import time
+    from datetime import datetime, timezone
+
+    from llmasos import __version__
+    from llmasos.classification import SequenceClassifier
+    from llmasos.eval.classification import evaluate_classification
+    from llmasos.eval.data import sha256_of
+
+    if endpoint is not None:
+        raise click.UsageError("eval classification runs in process: pass --model, not --endpoint")
+    if not model:
+        raise click.UsageError("pass --model NAME_OR_PATH")
+    if not data.expanduser().is_file():
+        raise EvalDataError(f"data file {data} does not exist; check the --data path")
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    classifier = SequenceClassifier.load(model, dtype="float32" if dtype == "auto" else dtype,
+                                         device="cpu" if device == "auto" else device)
+    result = evaluate_classification(classifier, data.expanduser(), batch_size, limit)
+    metrics: dict[str, Any] = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
+    metrics.update({f"f1_{name}": value for name, value in result.per_label_f1.items()})
+    report = {"task": "classification", "name": data.name, "model": model, "backend": "in-process",
+              "endpoint": None, "data": str(data), "data_sha256": sha256_of(data.expanduser()),
+              "num_examples": result.num_examples, "metrics": metrics,
+              "settings": {"labels": ", ".join(classifier.labels), "batch_size": batch_size},
+              "started_at": started_at, "seconds": round(time.perf_counter() - start, 3),
+              "llmasos_version": __version__}
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n", encoding="utf-8")
+    if as_json:
+        click.echo(text)
+    else:
+        from llmasos.cli import table_console
+
+        table_console().print(_table(report))
+
+
 @eval_group.command("run")
 @click.argument("task_file", type=click.Path(path_type=Path))
 @_model_options

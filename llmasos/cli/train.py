@@ -34,7 +34,7 @@ def _read_recipe(path: Path | None) -> dict[str, Any]:
 
 def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
     """`tokenizer:` is a directory, or {train: {vocab_size: N, ...}} to train one on the training data (saved in
-    OUTPUT/tokenizer and reused when the run is resumed)."""
+    OUTPUT/tokenizer and reused when the run is resumed; `wordpiece: true` for a BERT vocabulary)."""
     from llmasos.tokenizer import Tokenizer
     from llmasos.train.data import texts_of
     from llmasos.train.distributed import barrier
@@ -50,7 +50,12 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
         vocab_size = options.pop("vocab_size", None)
         if not isinstance(vocab_size, int):
             raise ValueError("tokenizer.train needs an integer vocab_size")
-        train_tokenizer(texts_of(train_records), vocab_size, **options).save(directory)
+        if options.pop("wordpiece", False):  # BERT's vocabulary, for --objective mlm
+            from llmasos.train.tokenizer_trainer import train_wordpiece_tokenizer
+
+            train_wordpiece_tokenizer(texts_of(train_records), vocab_size, **options).save(directory)
+        else:
+            train_tokenizer(texts_of(train_records), vocab_size, **options).save(directory)
     barrier(ctx)
     return Tokenizer.from_dir(directory)
 
@@ -68,6 +73,11 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
               help="Run directory: checkpoints, metrics.jsonl, and the final model in OUTPUT/final.")
 @click.option("--method", type=click.Choice(["full", "lora"]), default=None, help="Full fine-tuning or LoRA.")
+@click.option("--task", "--objective", "objective", type=click.Choice(["causal", "mlm", "classification"]),
+              default=None, help="What to learn: causal (next token; decoders), mlm (masked LM; BERT) or "
+                                 "classification (data of {text, [text_pair], label}).  [default: causal]")
+@click.option("--mlm-probability", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Share of tokens masked by --objective mlm.  [default: 0.15]")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
@@ -84,7 +94,8 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
               help="Resume from a checkpoint directory or a run directory (its latest checkpoint).")
 @click.option("--config", "recipe_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A YAML recipe; options given here override it.")
-def train(model, model_config, tokenizer, data, eval_data, eval_split, output, method, max_steps, epochs, batch_size,
+def train(model, model_config, tokenizer, data, eval_data, eval_split, output, method, objective, mlm_probability,
+          max_steps, epochs, batch_size,
           gradient_accumulation_steps, learning_rate, max_seq_length, seed, save_steps, bf16, fsdp, device, resume,
           recipe_path) -> None:
     """Train a model and write a loadable checkpoint to OUTPUT/final."""
@@ -112,7 +123,8 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         raise click.UsageError("give --eval-data or --eval-split, not both")
 
     training = dict(recipe.get("training", {}))
-    overrides = {"method": method, "max_steps": max_steps, "num_train_epochs": epochs, "learning_rate": learning_rate,
+    overrides = {"method": method, "objective": objective, "mlm_probability": mlm_probability,
+                 "max_steps": max_steps, "num_train_epochs": epochs, "learning_rate": learning_rate,
                  "gradient_accumulation_steps": gradient_accumulation_steps, "max_seq_length": max_seq_length,
                  "seed": seed, "save_steps": save_steps, "bf16": bf16, "fsdp": fsdp, "device": device}
     training.update({key: value for key, value in overrides.items() if value is not None})
@@ -127,8 +139,11 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         training["per_device_train_batch_size"] = global_batch // (ctx.world_size * accumulation)
         args = TrainingArguments.from_dict(training)
 
-        train_records = read_records(data)
-        eval_records = read_records(eval_data, "eval_data") if eval_data else None
+        from llmasos.train.labels import read_labelled
+
+        reader = read_labelled if args.objective == "classification" else read_records
+        train_records = reader(data)
+        eval_records = reader(eval_data, "eval_data") if eval_data else None
         if eval_split:
             train_records, eval_records = hold_out(train_records, eval_split)
         if model:
@@ -149,18 +164,25 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
         if args.method == "lora":
             trainer.save_pretrained(output / "adapter")
         if ctx.is_main:
-            _summary(result, final, time.perf_counter() - started)
+            _summary(result, final, time.perf_counter() - started, trainer, eval_records, args)
     finally:
         teardown(ctx)
 
 
-def _summary(result, final: Path, seconds: float) -> None:
+def _summary(result, final: Path, seconds: float, trainer=None, eval_records=None, args=None) -> None:
     steps = f"{result.global_step:,} step{'s' * (result.global_step != 1)}"
     lines = [f"trained {result.parameters_text()} for {steps} in {seconds:.1f}s "
              f"({result.num_train_tokens:,} tokens)"]
     if result.train_loss is not None:
         lines.append(f"final train loss {result.train_loss:.4f}")
-    if result.eval_loss is not None:
+    if result.eval_loss is not None and args is not None and args.objective == "classification":
+        from llmasos.classification import SequenceClassifier
+        from llmasos.eval.classification import evaluate_classification
+
+        scores = evaluate_classification(SequenceClassifier.load(final), eval_records)
+        lines.append(f"eval loss {result.eval_loss:.4f}, accuracy {scores.accuracy:.4f}, "
+                     f"macro-F1 {scores.macro_f1:.4f}")
+    elif result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}, perplexity {result.eval_perplexity:.2f}")
     if result.skipped:
         lines.append("skipped: " + "; ".join(f"{len(v)} {k} (first: {v[0]})" for k, v in result.skipped.items()))
@@ -175,19 +197,28 @@ def tokenizer_group() -> None:
 
 @tokenizer_group.command("train")
 @click.option("--data", "data", multiple=True, required=True, help="Text to learn from (.txt, .jsonl, .json); repeat.")
-@click.option("--vocab-size", type=click.IntRange(260), required=True, help="Ids in the vocabulary, specials included.")
+@click.option("--vocab-size", type=click.IntRange(6), required=True, help="Ids in the vocabulary, specials included.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--min-frequency", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--special-tokens", default=None,
               help="Comma-separated special tokens, the end-of-text token first.  "
                    "[default: <|endoftext|>,<|pad|>,<|system|>,<|user|>,<|assistant|>,<|end|>]")
 @click.option("--no-chat-template", is_flag=True, help="Save without the default chat template.")
+@click.option("--wordpiece", is_flag=True,
+              help="A BERT WordPiece vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK], lower-cased) for encoders.")
 def tokenizer_train(data: tuple[str, ...], vocab_size: int, output: Path, min_frequency: int,
-                    special_tokens: str | None, no_chat_template: bool) -> None:
-    """Train a byte-level BPE tokenizer and save tokenizer.json + tokenizer_config.json to OUTPUT."""
+                    special_tokens: str | None, no_chat_template: bool, wordpiece: bool) -> None:
+    """Train a byte-level BPE tokenizer (or with --wordpiece a BERT WordPiece one) and save tokenizer.json +
+    tokenizer_config.json to OUTPUT."""
     from llmasos.train.tokenizer_trainer import train_tokenizer_from_files
 
     options: dict[str, Any] = {"min_frequency": min_frequency}
+    if wordpiece:
+        if special_tokens or no_chat_template:
+            raise click.UsageError("--wordpiece has BERT's special tokens and no chat template")
+        tokenizer = train_tokenizer_from_files(list(data), vocab_size, output, wordpiece=True, **options)
+        click.echo(f"trained a WordPiece tokenizer of {tokenizer.vocab_size:,} tokens; saved to {output}")
+        return
     if special_tokens:
         options["special_tokens"] = [token.strip() for token in special_tokens.split(",") if token.strip()]
     if no_chat_template:

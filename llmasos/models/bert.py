@@ -33,6 +33,8 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1  # dropout acts only in training (the trainer); inference never sees it
+    attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
     torch_dtype: str | None = None
@@ -67,7 +69,8 @@ class BertConfig:
                                "intermediate_size") if data.get(k) is None]
         if missing:
             raise ModelLoadError(f"config.json is missing required keys: {', '.join(missing)}")
-        names = {"hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
+        names = {"hidden_act", "max_position_embeddings", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                 "type_vocab_size", "layer_norm_eps", "pad_token_id",
                  "position_embedding_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size"}
         values = {k: data[k] for k in names if data.get(k) is not None}
@@ -82,12 +85,13 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 token_type_ids: torch.Tensor) -> torch.Tensor:
         hidden = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
                   + self.position_embeddings(position_ids))
-        return self.LayerNorm(hidden)
+        return self.dropout(self.LayerNorm(hidden))
 
 
 class BertSelfAttention(nn.Module):
@@ -97,6 +101,7 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         batch, length, _ = hidden.shape
@@ -105,7 +110,8 @@ class BertSelfAttention(nn.Module):
             return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(heads(self.query(hidden)), heads(self.key(hidden)),
-                                             heads(self.value(hidden)), attn_mask=key_mask)
+                                             heads(self.value(hidden)), attn_mask=key_mask,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(batch, length, -1)
 
 
@@ -114,9 +120,10 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(attended) + residual)
+        return self.LayerNorm(self.dropout(self.dense(attended)) + residual)
 
 
 class BertAttention(nn.Module):
@@ -144,9 +151,10 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, intermediate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(intermediate) + residual)
+        return self.LayerNorm(self.dropout(self.dense(intermediate)) + residual)
 
 
 class BertLayer(nn.Module):
@@ -165,6 +173,18 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden of the first token)): the sentence vector BERT's classifiers read."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden[:, 0]))  # (batch, hidden)
 
 
 class BertModel(nn.Module):

@@ -2,7 +2,7 @@
 
 It takes the same SamplingParams and returns the same RequestOutputs, so the task pipelines treat encoder-decoder and
 decoder-only models alike. Decoding is batched with a key/value cache; greedy (temperature 0) equals transformers'
-greedy `generate`. Beam search is not implemented: `num_beams` in a model's task settings is ignored.
+greedy `generate`; with `BeamSettings(num_beams=k)` it runs transformers' beam search (beam_search.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from llmasos.errors import ModelLoadError
 from llmasos.models.loader import read_json_file
 from llmasos.models.t5 import T5Config, T5ForConditionalGeneration, load_seq2seq
 from llmasos.outputs import CompletionOutput, RequestOutput
+from llmasos.pipelines.beam_search import BeamSettings, beam_search
 from llmasos.sampling_params import SamplingParams
 from llmasos.spec import ModelSpec, generation_defaults, resolve_spec
 from llmasos.tokenizer import Tokenizer
@@ -68,8 +69,11 @@ class Seq2SeqLM:
         return params if isinstance(params, dict) else {}
 
     def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; prompts that share SamplingParams run as one batch."""
+                 sampling: SamplingParams | list[SamplingParams] | None = None,
+                 beams: BeamSettings | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; prompts that share SamplingParams run as one batch. With `beams`
+        (num_beams > 1) decoding is beam search, deterministic: the SamplingParams give max_tokens, min_tokens,
+        repetition_penalty, logit_bias and ignore_eos, and `n` is the number of best beams returned."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -88,12 +92,39 @@ class Seq2SeqLM:
             else:
                 group[1].append(index)
         for params, indices in groups:
-            outputs = self._generate_batch([id_lists[i] for i in indices], params)
+            if beams is not None and beams.num_beams > 1:
+                outputs = self._beam_batch([id_lists[i] for i in indices], params, beams)
+            else:
+                outputs = self._generate_batch([id_lists[i] for i in indices], params)
             for i, completions in zip(indices, outputs, strict=True):
                 self._counter += 1
                 text = prompts[i] if isinstance(prompts[i], str) else None
                 results[i] = RequestOutput(f"seq2seq-{self._counter}", text, id_lists[i], completions, True)
         return results  # type: ignore[return-value]
+
+    def _padded(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(ids) for ids in id_lists)
+        input_ids = torch.full((len(id_lists), length), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(id_lists):
+            input_ids[row, :len(ids)] = torch.tensor(ids, device=self.device)
+            mask[row, :len(ids)] = 1
+        return input_ids, mask
+
+    def _beam_batch(self, id_lists: list[list[int]], params: SamplingParams,
+                    beams: BeamSettings) -> list[list[CompletionOutput]]:
+        if not params.greedy:
+            raise ValueError("beam search here is deterministic: use num_beams > 1 without do_sample")
+        if params.n > 1:
+            beams = BeamSettings(beams.num_beams, beams.length_penalty, beams.early_stopping, params.n)
+        outputs = []
+        for hypotheses in beam_search(self, *self._padded(id_lists), params, beams):
+            completions = []
+            for index, (token_ids, _) in enumerate(hypotheses):
+                finish = "stop" if token_ids and token_ids[-1] in self.eos_token_ids else "length"
+                completions.append(self._completion(index, token_ids, finish, [], params))
+            outputs.append(completions)
+        return outputs
 
     @torch.inference_mode()
     def _generate_batch(self, id_lists: list[list[int]], params: SamplingParams) -> list[list[CompletionOutput]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 SCHEDULERS = ("constant", "linear", "cosine")
 METHODS = ("full", "lora")
+OBJECTIVES = ("causal", "mlm", "classification")
 DEFAULT_LEARNING_RATES = {"full": 5e-5, "lora": 2e-4}
 
 
@@ -18,7 +19,9 @@ class TrainingArguments:
     One optimizer step sees `per_device_train_batch_size * gradient_accumulation_steps * world_size` examples (the
     global batch). `max_steps > 0` overrides `num_train_epochs`. `learning_rate=None` picks 5e-5 for full fine-tuning
     and 2e-4 for LoRA. `eval_steps=None` evaluates once, at the end; `max_seq_length=None` uses the model's context,
-    capped at 1024 tokens."""
+    capped at 1024 tokens. `objective` picks what is learnt: "causal" (next-token prediction, decoders), "mlm"
+    (masked language modelling with `mlm_probability`, BERT encoders) or "classification" (a label per text: data
+    of {"text", "label"} or {"text", "text_pair", "label"} records)."""
 
     output_dir: str = "llmasos-output"
     num_train_epochs: float = 1.0
@@ -50,6 +53,8 @@ class TrainingArguments:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None
+    objective: str = "causal"  # causal (next token), mlm (BERT's masked LM) or classification (one label per text)
+    mlm_probability: float = 0.15
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -83,6 +88,10 @@ class TrainingArguments:
         check(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0,
               f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         check(is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(self.objective in OBJECTIVES,
+              f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check(isinstance(self.mlm_probability, (int, float)) and 0 < self.mlm_probability < 1,
+              f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
         check(self.method in METHODS, f"method must be 'full' or 'lora', got {self.method!r}")
         check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
               f"lora_alpha must be > 0, got {self.lora_alpha!r}")

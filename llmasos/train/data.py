@@ -53,14 +53,23 @@ def read_records(data: Any, name: str = "train_data") -> list[Record]:
 
 
 def read_file(path: Path) -> list[Record]:
+    items = read_items(path)
+    if isinstance(items, str):
+        return [Record("text", text=items, source=str(path))]
+    return [record_from_item(item, source) for item, source in items]
+
+
+def read_items(path: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[tuple[Any, str]] | str:
+    """The JSON values of a .jsonl (one a line) or .json (a list) file, each with where it came from
+    ("data.jsonl line 7"); the whole text of a .txt file. The one reader of data files, checked here."""
     if not path.exists():
         raise TrainingDataError(f"data file {str(path)!r} does not exist")
     if not path.is_file():
-        raise TrainingDataError(f"{path} is not a file: give a .txt, .jsonl or .json file")
+        raise TrainingDataError(f"{path} is not a file: give a {', '.join(suffixes)} file")
     suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
+    if suffix not in suffixes:
         raise TrainingDataError(f"{path}: unsupported data format {suffix or '(no extension)'!r}; "
-                                f"use .txt (plain text), .jsonl or .json")
+                                f"use {', '.join(suffixes)}")
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -71,28 +80,27 @@ def read_file(path: Path) -> list[Record]:
     if not content.strip():
         raise TrainingDataError(f"{path} is empty: there is nothing to train on")
     if suffix == ".txt":
-        return [Record("text", text=content, source=str(path))]
+        return content
     if suffix == ".jsonl":
-        records = []
+        items = []
         for number, line in enumerate(content.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                items.append((json.loads(line), f"{path} line {number}"))
             except json.JSONDecodeError as exc:
                 raise TrainingDataError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
                                         "each line must be one JSON object") from None
-            records.append(record_from_item(item, f"{path} line {number}"))
-        return records
+        return items
     try:
-        items = json.loads(content)
+        values = json.loads(content)
     except json.JSONDecodeError as exc:
         raise TrainingDataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(items, list):
-        raise TrainingDataError(f"{path} must hold a JSON list of examples, got a {type(items).__name__}")
-    if not items:
+    if not isinstance(values, list):
+        raise TrainingDataError(f"{path} must hold a JSON list of examples, got a {type(values).__name__}")
+    if not values:
         raise TrainingDataError(f"{path} holds an empty list: there is nothing to train on")
-    return [record_from_item(item, f"{path} item {index}") for index, item in enumerate(items)]
+    return [(value, f"{path} item {index}") for index, value in enumerate(values)]
 
 
 def record_from_item(item: Any, source: str) -> Record:
@@ -151,7 +159,7 @@ def hold_out(records: list[Record], fraction: float) -> tuple[list[Record], list
     records. Returns (train, eval)."""
     if not 0 < fraction < 1:
         raise ValueError(f"the evaluation split must be a fraction between 0 and 1, got {fraction!r}")
-    if len(records) == 1 and records[0].kind == "text":
+    if len(records) == 1 and getattr(records[0], "kind", None) == "text":
         record = records[0]
         cut = int(len(record.text) * (1 - fraction))
         newline = record.text.rfind("\n", 0, cut)

@@ -24,10 +24,13 @@ SKIP_TEMPLATE = "that the chat template cannot render"
 
 @dataclass
 class Example:
-    """input_ids and labels of the same length; labels are IGNORE_INDEX where no loss is taken."""
+    """input_ids and labels of the same length; labels are IGNORE_INDEX where no loss is taken. A classification
+    example has no token labels but one `label` id, and (encoders) the segment of every token."""
 
     input_ids: list[int]
     labels: list[int]
+    token_type_ids: list[int] | None = None
+    label: int | None = None
 
 
 @dataclass

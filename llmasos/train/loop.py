@@ -114,10 +114,13 @@ def total_steps_for(args: TrainingArguments, num_examples: int, global_batch: in
 
 @torch.no_grad()
 def evaluate_loss(module: nn.Module, examples: list[Example], args: TrainingArguments, ctx: DistContext,
-                  pad_id: int) -> float:
-    """Mean token loss over all examples. Every rank runs the same number of forwards (FSDP gathers weights in
-    each), a rank short of examples running a zero-weight one."""
+                  pad_id: int, objective: Any = None) -> float:
+    """Mean loss per target (token, masked token or example: the objective's) over all examples. Every rank runs
+    the same number of forwards (FSDP gathers weights in each), a rank short of examples running a zero-weight
+    one."""
     base = module.module if hasattr(module, "no_sync") else module  # DDP's forward is not needed without gradients
+    make_batch = objective.collate if objective is not None else collate
+    count = objective.count if objective is not None else (lambda batch: count_loss_tokens(batch[-1]))
     was_training = base.training
     base.eval()
     batch_size = args.per_device_eval_batch_size
@@ -128,10 +131,10 @@ def evaluate_loss(module: nn.Module, examples: list[Example], args: TrainingArgu
         start = (batch * ctx.world_size + ctx.rank) * batch_size
         chunk = examples[start:start + batch_size]
         weight = 1.0 if chunk else 0.0
-        input_ids, labels = collate(chunk or examples[:1], pad_id, ctx.device)
+        batch = make_batch(chunk or examples[:1], pad_id, ctx.device)
         with autocast:
-            loss_sum += weight * float(base(input_ids, labels))
-        tokens += int(weight) * count_loss_tokens(labels)
+            loss_sum += weight * float(base(*batch))
+        tokens += int(weight) * count(batch)
     loss_sum, tokens = all_reduce_sum(ctx, [loss_sum, tokens])
     base.train(was_training)
     return loss_sum / max(tokens, 1)
@@ -143,12 +146,14 @@ class Loop:
     def __init__(self, module: nn.Module, wrapped: nn.Module, args: TrainingArguments, ctx: DistContext,
                  train_examples: list[Example], eval_examples: list[Example] | None, pad_id: int,
                  write_model: Callable[[Path, dict[str, torch.Tensor]], None],
-                 reporter_factory: Callable[[int, int], Reporter], num_records: int | None = None) -> None:
+                 reporter_factory: Callable[[int, int], Reporter], num_records: int | None = None,
+                 objective: Any = None) -> None:
         self.module, self.wrapped, self.args, self.ctx = module, wrapped, args, ctx
         self.train_examples, self.eval_examples, self.pad_id = train_examples, eval_examples, pad_id
         self.write_model = write_model  # (directory, model_state) -> None, rank 0: the loadable model part
         self.reporter_factory = reporter_factory
         self.num_records = num_records  # the records the examples were built from (texts are packed into blocks)
+        self.objective = objective  # tasks.Objective; None: the causal LM's collate and token count
         self.global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * ctx.world_size
         self.total_steps = total_steps_for(args, len(train_examples), self.global_batch)
         self.optimizer = make_optimizer(module, args)
@@ -237,20 +242,22 @@ class Loop:
                 # Under DDP / FSDP every rank runs each micro-batch (their collectives must pair up): a rank with
                 # an empty slot runs a zero-weight forward, as evaluate_loss does.
                 weights = [1.0 if part else 0.0 for part in micro]
-                batches = [collate([self.train_examples[i] for i in part or [0]], self.pad_id, ctx.device)
+                make_batch = self.objective.collate if self.objective is not None else collate
+                batches = [make_batch([self.train_examples[i] for i in part or [0]], self.pad_id, ctx.device)
                            for part in micro]
                 seen = sum(len(self.train_examples[i].input_ids) for part in micro for i in part)
-                local_targets = sum(count_loss_tokens(labels)
-                                    for (_, labels), weight in zip(batches, weights, strict=True) if weight)
+                count = self.objective.count if self.objective is not None else (
+                    lambda batch: count_loss_tokens(batch[-1]))
+                local_targets = sum(count(batch) for batch, weight in zip(batches, weights, strict=True) if weight)
                 step_targets, step_seen = all_reduce_sum(ctx, [local_targets, seen])
-                scale = ctx.world_size / step_targets
+                scale = ctx.world_size / max(step_targets, 1)  # a masked-LM batch may draw no target at all
                 step_loss = 0.0
-                for index, ((input_ids, labels), weight) in enumerate(zip(batches, weights, strict=True)):
+                for index, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
                     last = index == len(batches) - 1
                     sync = contextlib.nullcontext() if (last or not is_ddp) else self.wrapped.no_sync()
                     with sync:
                         with autocast:
-                            loss_sum = self.wrapped(input_ids, labels) * weight
+                            loss_sum = self.wrapped(*batch) * weight
                         (loss_sum * scale).backward()
                     step_loss += float(loss_sum.detach())
                 grad_norm = self._clip()
@@ -308,7 +315,7 @@ class Loop:
         return float(norm)
 
     def _evaluate(self, step: int, reporter: Reporter) -> float:
-        loss = evaluate_loss(self.wrapped, self.eval_examples, self.args, self.ctx, self.pad_id)
+        loss = evaluate_loss(self.wrapped, self.eval_examples, self.args, self.ctx, self.pad_id, self.objective)
         record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
         self.log_history.append(record)
         reporter.log(record)

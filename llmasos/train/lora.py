@@ -77,10 +77,15 @@ def add_lora(model: CausalLM, r: int, alpha: float, dropout: float = 0.0,
     targets = target_modules or default_target_modules(model)
     for param in model.parameters():
         param.requires_grad_(False)
+    for head_name in getattr(model, "head_modules", ()):  # a task model's new head is trained in full
+        for param in getattr(model, head_name).parameters():
+            param.requires_grad_(True)
     wrapped: list[str] = []
     head = model.output_embeddings()
+    heads = tuple(getattr(model, "head_modules", ()))
     for name, module in list(model.named_modules()):
-        if module is head or not _matches(name, targets) or not isinstance(module, (nn.Linear, Conv1D)):
+        if module is head or name.split(".")[0] in heads or not _matches(name, targets) \
+                or not isinstance(module, (nn.Linear, Conv1D)):
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -97,21 +102,27 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALayer)}
 
 
-def lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def lora_state_dict(state: dict[str, torch.Tensor],
+                    modules_to_save: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The adapter matrices of a model's state dict under PEFT's saved names:
-    base_model.model.<path>.lora_A.weight / lora_B.weight."""
+    base_model.model.<path>.lora_A.weight / lora_B.weight; and the weights of `modules_to_save` (a classifier's head,
+    trained in full) as base_model.model.<path>.weight, as PEFT saves them."""
+    saved = tuple(f"{name}." for name in modules_to_save or ())
     return {f"{PEFT_PREFIX}{name}": tensor.detach().cpu().contiguous() for name, tensor in state.items()
-            if ".lora_A." in name or ".lora_B." in name}
+            if ".lora_A." in name or ".lora_B." in name or name.startswith(saved)}
 
 
 def adapter_config(model: nn.Module, r: int, alpha: float, dropout: float, base_model: str | None) -> dict[str, Any]:
+    """adapter_config.json; a task model's head goes in modules_to_save (PEFT's SEQ_CLS task type)."""
     layers = lora_layers(model)
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    modules_to_save = list(getattr(model, "head_modules", ())) or None
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if getattr(model, "task", "") == "classification" else "CAUSAL_LM",
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": targets, "base_model_name_or_path": base_model, "bias": "none",
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()), "inference_mode": True,
-        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": modules_to_save,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "revision": None,
     }
@@ -120,7 +131,8 @@ def adapter_config(model: nn.Module, r: int, alpha: float, dropout: float, base_
 def save_adapter(state: dict[str, torch.Tensor], directory: Path, config: dict[str, Any]) -> None:
     """adapter_model.safetensors (from a model's state dict) and adapter_config.json, as PEFT writes them."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(state), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(lora_state_dict(state, config.get("modules_to_save")), str(directory / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -113,3 +113,46 @@ def export_model(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def task_config(model: torch.nn.Module, dtype: torch.dtype, tokenizer: Tokenizer | None,
+                labels: list[str] | None = None) -> dict[str, Any]:
+    """config.json of a task model (classifier, masked LM): transformers' class in `architectures`, and for a
+    classifier id2label / label2id (what AutoModelForSequenceClassification sizes its head from) and a pad id (a
+    decoder classifier pools the last token that is not padding)."""
+    from llmasos.models.heads import DECODER_CLASSIFIERS, ENCODER_ARCHITECTURES, BertTaskModel
+
+    config = model.config
+    data = hf_config(config, dtype, tokenizer)
+    for key in ("id2label", "label2id", "num_labels", "problem_type"):
+        data.pop(key, None)
+    if isinstance(model, BertTaskModel):
+        data["architectures"] = [ENCODER_ARCHITECTURES[model.task]]
+    else:
+        data["architectures"] = [DECODER_CLASSIFIERS[config.model_type]]
+        if data.get("pad_token_id") is None:
+            data["pad_token_id"] = data.get("eos_token_id") if isinstance(data.get("eos_token_id"), int) else 0
+    if labels is not None:
+        data["id2label"] = {str(index): name for index, name in enumerate(labels)}
+        data["label2id"] = {name: index for index, name in enumerate(labels)}
+        data["problem_type"] = "single_label_classification"
+    return data
+
+
+def export_task_model(model: torch.nn.Module, tokenizer: Tokenizer | None, directory: str | Path, *,
+                      labels: list[str] | None = None, dtype: torch.dtype | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a task model (a `models.heads` TaskModel) as a checkpoint AutoModelForSequenceClassification /
+    AutoModelForMaskedLM loads: its state dict under transformers' names (the tied MLM decoder left out)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state is None else state
+    dtype = dtype or next(iter(state.values())).dtype
+    tensors = hf_state_dict(state, model.config, dtype)
+    if getattr(model, "tied", False):
+        tensors.pop("cls.predictions.decoder.weight", None)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_json(directory / "config.json", task_config(model, dtype, tokenizer, labels))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory

@@ -1,5 +1,6 @@
-"""Train a byte-level BPE tokenizer (GPT-2 style, with the `tokenizers` library) on text, with special tokens and
-an optional chat template, saved as tokenizer.json + tokenizer_config.json that transformers and we both load."""
+"""Train a tokenizer with the `tokenizers` library, saved as tokenizer.json + tokenizer_config.json that transformers
+and we both load: a byte-level BPE (GPT-2 style, with special tokens and an optional chat template) for decoders, or
+a lower-casing WordPiece with [CLS] ... [SEP] (BERT's) for encoders (`train_wordpiece_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmasos.tokenizer import Tokenizer
 
@@ -60,6 +61,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, special_tokens: li
     return Tokenizer(backend, config, templates)
 
 
+BERT_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                       "mask_token": "[MASK]"}
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, *, lowercase: bool = True,
+                              min_frequency: int = 2, model_max_length: int | None = 512,
+                              show_progress: bool = False) -> Tokenizer:
+    """Learn a BERT WordPiece vocabulary of `vocab_size` ids: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4, then
+    the learnt pieces ("##" marks a continuation); inputs become [CLS] A [SEP] (B [SEP], segment 1), as
+    BertTokenizerFast makes them. What masked-LM pretraining (`objective="mlm"`) needs."""
+    special_tokens = list(BERT_SPECIAL_TOKENS.values())
+    if vocab_size < len(special_tokens) + 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the {len(special_tokens)} special tokens")
+    backend = BackendTokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=special_tokens, show_progress=show_progress)
+    backend.train_from_iterator(_non_empty(texts), trainer)
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    config: dict = {**BERT_SPECIAL_TOKENS, "do_lower_case": lowercase, "clean_up_tokenization_spaces": True,
+                    "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+    if model_max_length:
+        config["model_max_length"] = model_max_length
+    return Tokenizer(backend, config, {})
+
+
 def _non_empty(texts: Iterable[str]) -> Iterable[str]:
     seen = False
     for text in texts:
@@ -78,7 +110,8 @@ def train_tokenizer_from_files(files: list[str | Path], vocab_size: int, output_
     texts: list[str] = []
     for file in files:
         texts.extend(texts_of(read_records(Path(file))))
-    tokenizer = train_tokenizer(texts, vocab_size, **options)
+    wordpiece = options.pop("wordpiece", False)
+    tokenizer = (train_wordpiece_tokenizer if wordpiece else train_tokenizer)(texts, vocab_size, **options)
     if output_dir is not None:
         tokenizer.save(output_dir)
     return tokenizer

@@ -32,13 +32,23 @@ from llmasos.train.distributed import DistContext, full_state_dicts, setup, wrap
 from llmasos.train.initialize import complete_config, init_weights
 from llmasos.train.loop import Loop, LossModule, TrainResult, count_parameters, evaluate_loss
 from llmasos.train.reporting import Reporter
-from llmasos.train.save import DTYPE_NAMES, export_model, stored_dtype
+from llmasos.train.save import DTYPE_NAMES, export_model, export_task_model, stored_dtype
+from llmasos.train.task_setup import (
+    bert_from_config,
+    is_task_model,
+    objective_for,
+    prepare_task_data,
+    task_backbone,
+    to_task_model,
+)
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
 
 
 class LLMTrainer:
-    """A model being trained: a native CausalLM (float32 master weights), its tokenizer, and the run settings."""
+    """A model being trained: a native CausalLM or BertModel — or, once a run of objective "classification" or
+    "mlm" has begun, that backbone with its task head (models.heads) — in float32 master weights, its tokenizer, and
+    the run settings."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, source: str | None = None,
                  generation_config: dict[str, Any] | None = None, spec: ModelSpec | None = None) -> None:
@@ -51,6 +61,8 @@ class LLMTrainer:
         # model, not one twice its size) while training computes in float32. None: from scratch, keep the weights'.
         self.save_dtype: torch.dtype | None = None
         self.lora_settings: dict[str, Any] | None = None
+        self.labels: list[str] | None = None  # a classifier's label names, in id order (config.json's id2label)
+        self.source_dir: Path | None = None  # where a new task head looks for its weights (a classifier checkpoint)
         self.state: TrainResult | None = None
         self._is_main = True
 
@@ -61,17 +73,21 @@ class LLMTrainer:
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: ModelSpec | str | Path, dtype: str | torch.dtype | None = None) -> LLMTrainer:
-        """Load a ModelSpec, a library model or a Hugging Face checkpoint directory (our native families) to train
-        further; weights in float32 unless `dtype` (or the spec's dtype) says otherwise. The spec's LoRA adapters are
-        merged in and its chat template used, so training renders conversations exactly as serving that model does."""
+        """Load a ModelSpec, a library model or a Hugging Face checkpoint directory (our native families: decoders,
+        BERT encoders, and classifiers of either) to train further; weights in float32 unless `dtype` (or the spec's
+        dtype) says otherwise. A task head (classifier, masked LM) is put on when a run's objective needs it. The
+        spec's LoRA adapters are merged in and its chat template used, so training renders conversations exactly as
+        serving that model does."""
         spec = resolve_spec(model, dtype=dtype if dtype is not None else "auto")
-        if spec.kind != "decoder":
-            raise ModelLoadError(f"{spec.name} is {'an' if spec.kind == 'encoder' else 'a'} {spec.kind} model; the "
-                                 "trainer trains decoder-only models")
+        if spec.kind == "seq2seq":
+            raise ModelLoadError(f"{spec.name} is a seq2seq model; the trainer trains decoders and BERT encoders")
         if spec.quantization is not None:
             raise ModelLoadError(f"{spec.name} is {spec.quantization}-quantized, which is for serving; train the "
                                  "unquantized model it was made from instead")
-        weights, _ = load_model(spec.path, dtype="float32" if spec.dtype == "auto" else spec.dtype, device="cpu")
+        weight_dtype = "float32" if spec.dtype == "auto" else spec.dtype
+        weights = task_backbone(Path(spec.path), weight_dtype)  # an encoder, or a decoder saved as a classifier
+        if weights is None:
+            weights, _ = load_model(spec.path, dtype=weight_dtype, device="cpu")
         for adapter in spec.adapters:  # a Modelfile ADAPTER: the model served is the base plus it
             lora.apply_adapter(weights, adapter)
         tokenizer = Tokenizer.from_dir(spec.directory)
@@ -81,6 +97,7 @@ class LLMTrainer:
         trainer = cls(weights, tokenizer, source=source, spec=spec,
                       generation_config=read_json_file(spec.directory / "generation_config.json", required=False))
         trainer.save_dtype = stored_dtype(weights.config, Path(spec.path))
+        trainer.source_dir = Path(spec.path)
         return trainer
 
     @classmethod
@@ -100,6 +117,9 @@ class LLMTrainer:
                 raise ModelLoadError(f"{path}: no model config found (expected a config.json)")
         else:
             data = dict(config)
+        encoder = bert_from_config(data, tokenizer, seed)
+        if encoder is not None:
+            return cls(encoder, tokenizer, source=None)
         model_config = load_config(complete_config(data, tokenizer))
         torch.manual_seed(seed)
         model = model_class(model_config)(model_config)
@@ -109,7 +129,7 @@ class LLMTrainer:
 
     # -- training -----------------------------------------------------------------------------------------------
     def _max_seq_length(self, args: TrainingArguments) -> int:
-        limit = self.config.max_context_length
+        limit = getattr(self.config, "max_context_length", None) or self.config.max_position_embeddings
         if args.max_seq_length is None:
             return min(limit, DEFAULT_MAX_SEQ_LENGTH)
         if args.max_seq_length > limit:
@@ -119,6 +139,9 @@ class LLMTrainer:
     def prepare_data(self, data: Any, args: TrainingArguments,
                      name: str = "train_data") -> tuple[list[Example], DatasetReport]:
         """Records -> examples, with the skip report."""
+        if args.objective == "classification":
+            examples, self.labels = prepare_task_data(self, data, args, name)
+            return examples, DatasetReport(num_records=len(examples), num_examples=len(examples))
         return build_examples(read_records(data, name), self.tokenizer, self._max_seq_length(args), name,
                               self.config.vocab_size)
 
@@ -136,6 +159,7 @@ class LLMTrainer:
         ctx = setup(args.device)
         self._is_main = ctx.is_main
         output_dir = Path(args.output_dir)
+        objective = objective_for(self, args)  # checks the objective fits the model before reading any data
         train_examples, report = self.prepare_data(train_data, args)
         eval_examples = self.prepare_data(eval_data, args, "eval_data")[0] if eval_data is not None else None
         resume_dir = ckpt.resolve_resume(resume_from_checkpoint, output_dir)
@@ -143,6 +167,8 @@ class LLMTrainer:
             ckpt.sweep_temporaries(output_dir)
 
         torch.manual_seed(args.seed)
+        if args.objective != "causal":
+            self.model = to_task_model(self, args)
         if args.method == "lora" and self.lora_settings is None:
             targets = lora.add_lora(self.model, args.lora_r, args.lora_alpha, args.lora_dropout,
                                     args.lora_target_modules)
@@ -155,9 +181,9 @@ class LLMTrainer:
         self.model.to(ctx.device)
         self.model.gradient_checkpointing = args.gradient_checkpointing
         self.model.train()
-        module = LossModule(self.model)
+        module = objective.loss_module(self.model)
         wrapped = wrap(module, ctx, self.model.decoder_layers(), args.fsdp)
-        loop = Loop(module, wrapped, args, ctx, train_examples, eval_examples, self._pad_id(),
+        loop = Loop(module, wrapped, args, ctx, train_examples, eval_examples, self._pad_id(), objective=objective,
                     write_model=self._write_checkpoint_model,
                     reporter_factory=lambda total, start: Reporter(output_dir, total, start, ctx.is_main,
                                                                    args.progress_bar),
@@ -191,11 +217,16 @@ class LLMTrainer:
         self.model.eval()
 
     def evaluate(self, eval_data: Any, args: TrainingArguments | None = None) -> dict[str, float]:
-        """Mean token loss and perplexity on `eval_data` (same formats as train_data), in this process."""
+        """Mean loss (per token; per masked token for "mlm"; per example for "classification", whose data are
+        labelled records) and its exponential as perplexity on `eval_data`, in this process."""
         args = args or TrainingArguments()
+        objective = objective_for(self, args)
         examples, _ = self.prepare_data(eval_data, args, "eval_data")
+        if args.objective != "causal":
+            self.model = to_task_model(self, args)
         device = next(self.model.parameters()).device
-        loss = evaluate_loss(LossModule(self.model), examples, args, DistContext(device=device), self._pad_id())
+        loss = evaluate_loss(objective.loss_module(self.model), examples, args, DistContext(device=device),
+                             self._pad_id(), objective)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
 
     # -- checkpoints and export ---------------------------------------------------------------------------------
@@ -203,6 +234,9 @@ class LLMTrainer:
         if self.lora_settings:
             self._write_adapter(directory, state)
             self.tokenizer.save(directory)
+        elif is_task_model(self.model):
+            export_task_model(self.model, self.tokenizer, directory, labels=self.labels, dtype=torch.float32,
+                              state=state)
         else:
             export_model(state, self.config, self.tokenizer, directory, dtype=torch.float32,
                          existing_generation_config=self.generation_config)
@@ -216,7 +250,9 @@ class LLMTrainer:
         if not path.is_file():
             raise ckpt.CheckpointError(f"{path} is missing: {directory} is not a full-model checkpoint")
         state = load_file(str(path))
-        if self.config.tie_word_embeddings:
+        if getattr(self.model, "tied", False):
+            state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+        elif self.config.tie_word_embeddings:
             state["lm_head.weight"] = _embedding_tensor(self.model, state)
         return state
 
@@ -246,8 +282,11 @@ class LLMTrainer:
                 if self.lora_settings:
                     model = copy.deepcopy(self.model)
                     lora.merge_lora(model)
-                export_model(model.state_dict(), self.config, self.tokenizer, staged, dtype=torch_dtype,
-                             existing_generation_config=self.generation_config)
+                if is_task_model(model):
+                    export_task_model(model, self.tokenizer, staged, labels=self.labels, dtype=torch_dtype)
+                else:
+                    export_model(model.state_dict(), self.config, self.tokenizer, staged, dtype=torch_dtype,
+                                 existing_generation_config=self.generation_config)
         return out
 
 

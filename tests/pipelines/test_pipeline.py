@@ -49,8 +49,8 @@ def test_task_names_and_aliases(chat_llm):
 
 
 def test_options_are_checked_before_loading():
-    with pytest.raises(ValueError, match="unknown option 'num_beams' for the summarization pipeline"):
-        pipeline("summarization", model="/no/such/model", num_beams=4)
+    with pytest.raises(ValueError, match="unknown option 'num_beam_groups' for the summarization pipeline"):
+        pipeline("summarization", model="/no/such/model", num_beam_groups=4)
 
 
 def test_call_options_override_pipeline_options(chat_llm):

@@ -95,3 +95,13 @@ def test_language_names():
     assert [language_name(x) for x in ("en", "fr_XX", "deu_Latn", "Romanian", "Klingon")] == [
         "English", "French", "German", "Romanian", "Klingon"]
     assert language_code("French") == "fr" and language_code("xx") is None
+
+
+def test_t5_translation_of_an_instructed_text_without_languages(t5, t5_checkpoint):
+    """As transformers' translation pipeline with T5: the text already says what to do, and goes in as it is."""
+    _, reference = t5_checkpoint
+    instructed = "translate English to German: " + TEXTS[0]
+    expected = transformers_greedy(reference, [instructed], 10)
+    assert pipeline("translation", model=t5, max_new_tokens=10)(instructed) == [{"translation_text": expected[0]}]
+    with pytest.raises(ValueError, match="src_lang and tgt_lang"):
+        pipeline("translation", model=t5, src_lang="en")(instructed)

@@ -62,3 +62,28 @@ def test_fsdp_resume_is_exact(tiny_llama, single_process, tmp_path):
     resumed = train(tiny_llama, data, tmp_path / "resumed", 2, "--fsdp", "--resume",
                     str(tmp_path / "straight" / "checkpoint-2"))
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_classifier_as_one(tmp_path):
+    """The classification objective through the same data-parallel loop: 2 processes (DDP) end with the weights of
+    1, uneven text lengths and an epoch's short last batch included."""
+    import torch
+    import transformers as tf
+    from encoders_support import bert_tokenizer
+    from support import VOCAB_SIZE
+
+    config = tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, classifier_dropout=0.0, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    bert_tokenizer().save_pretrained(tmp_path / "bert")
+    rows = [{"text": "why " * (1 + i % 7) + "the question", "label": ["a", "b", "c"][i % 3]} for i in range(11)]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    one = train(tmp_path / "bert", data, tmp_path / "one", 1, "--task", "classification")
+    two = train(tmp_path / "bert", data, tmp_path / "two", 2, "--task", "classification")
+    original = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    assert max((one[k] - original[k]).abs().max().item() for k in one) > 1e-3  # training moved them
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
