@@ -2,7 +2,8 @@
 checkpoint (common.random_checkpoint; `--layers` keeps the first N of its 24 layers, the default 8 on a 2-core CPU)
 with random rank-16 adapters on every linear layer of the decoder (q, k, v, o, gate, up, down).
 
-Measured, repetitions interleaved (base, loaded-unused, mixed, base, ...), medians reported:
+Each configuration runs on an engine of its own and the engines are stepped in turn (each step timed), so a busy
+machine slows them alike; throughput = output tokens / the engine's summed step time; medians of the repetitions:
   - throughput of 32 requests, base only (an engine with no adapter);
   - the same 32 base-only requests on an engine holding 4 adapters that has served them before (the layers are
     wrapped): "loaded but unused", goal >= 98% of base;
@@ -64,36 +65,50 @@ def workload(seed: int, vocab: int, count: int, prompt: tuple[int, int], output:
             for _ in range(count)]
 
 
-def throughput(llm: LLM, requests, loras: list[str | None], device: str) -> float:
-    """All requests at once, run to completion: output tokens per second."""
-    engine = llm.engine
-    sync(device)
-    start = time.perf_counter()
-    ids = [engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, lora=lora))
-           for (prompt, n), lora in zip(requests, loras, strict=True)]
-    engine.run_to_completion(ids)
-    sync(device)
-    return sum(n for _, n in requests) / (time.perf_counter() - start)
+class Run:
+    """One engine working through one workload, stepped by `interleaved` in turn with the others."""
+
+    def __init__(self, llm: LLM, requests, loras: list[str | None]) -> None:
+        self.engine = llm.engine
+        self.num_tokens = sum(n for _, n in requests)
+        self.ids = [self.engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                                                   lora=lora))
+                    for (prompt, n), lora in zip(requests, loras, strict=True)]
+        self.seconds = 0.0
+        self.step_seconds: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
 
 
-def decode_ms(llm: LLM, vocab: int, loras: list[str | None], device: str, steps: int = 24) -> float:
-    """Median ms of a decode step of len(loras) rows (prefill done first, fresh prompts so nothing is cached)."""
-    engine = llm.engine
-    rng = random.Random(len(set(loras)))
-    ids = [engine.add_request([rng.randrange(3, vocab) for _ in range(32)],
-                              SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True, lora=lora))
-           for lora in loras]
-    while any(len(engine.groups[i].children[0].token_ids) == 0 for i in ids):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        engine.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    engine.run_to_completion(ids)
-    return 1000 * median(times)
+def interleaved(runs: list[Run], device: str) -> None:
+    """Step every unfinished run in turn, timing each step: a busy machine slows all of them alike, which
+    back-to-back runs (seconds apart) cannot promise."""
+    while not all(run.done for run in runs):
+        for run in runs:
+            if run.done:
+                continue
+            sync(device)
+            start = time.perf_counter()
+            run.engine.step()
+            sync(device)
+            elapsed = time.perf_counter() - start
+            run.seconds += elapsed
+            run.step_seconds.append(elapsed)
+
+
+def decode_runs(llms: list[LLM], vocab: int, loras_per_llm: list[list[str | None]], device: str,
+                steps: int = 24) -> list[float]:
+    """Median ms of a decode step of each engine's rows (prompts of 32 tokens prefilled first, then `steps` decode
+    steps timed, the engines interleaved)."""
+    rng = random.Random(len(llms))
+    runs = [Run(llm, [([rng.randrange(3, vocab) for _ in range(32)], steps + 1) for _ in loras], loras)
+            for llm, loras in zip(llms, loras_per_llm, strict=True)]
+    for run in runs:
+        run.engine.step()  # the prefill of every row (16 x 32 tokens fit one step's budget)
+    interleaved(runs, device)
+    return [1000 * median(run.step_seconds) for run in runs]
 
 
 def main() -> None:
@@ -115,7 +130,7 @@ def main() -> None:
     path = random_checkpoint(shape, directory=root / "base")
     adapters = {f"a{i}": make_adapter(root / f"a{i}", shape, args.rank, seed=i) for i in range(16)}
     four = {name: adapters[name] for name in ("a0", "a1", "a2", "a3")}
-    options = dict(dtype=args.dtype, device=args.device, kv_cache_memory="2GiB", max_num_seqs=64,
+    options = dict(dtype=args.dtype, device=args.device, kv_cache_memory="512MiB", max_num_seqs=64,
                    max_num_batched_tokens=2048, enable_prefix_caching=False)
     if args.threads:
         options["num_threads"] = args.threads
@@ -125,27 +140,35 @@ def main() -> None:
     mixed = [f"a{i % 4}" for i in range(len(requests))]
 
     base = LLM.load(path, **options)
+    unused = LLM.load(path, lora_adapters=four, max_loras=4, **options)
     served = LLM.load(path, lora_adapters=four, max_loras=4, **options)
     warm = workload(2, vocab, 8, (16, 32), (4, 8))
-    throughput(base, warm, [None] * 8, args.device)
-    throughput(served, warm, [f"a{i % 4}" for i in range(8)], args.device)  # wraps the layers, fills the slots
+    warm_loras = [f"a{i % 4}" for i in range(8)]
+    # Warm-up; on the adapter engines it wraps the layers and fills the slots (so "unused" pays the wrappers).
+    interleaved([Run(base, warm, [None] * 8), Run(unused, warm, warm_loras), Run(served, warm, warm_loras)],
+                args.device)
     results: dict[str, list[float]] = {"base": [], "loaded_unused": [], "mixed_4": []}
-    for _ in range(args.repeats):
-        results["base"].append(throughput(base, requests, base_only, args.device))
-        results["loaded_unused"].append(throughput(served, requests, base_only, args.device))
-        results["mixed_4"].append(throughput(served, requests, mixed, args.device))
+    for repeat in range(args.repeats):
+        runs = {"base": Run(base, requests, base_only), "loaded_unused": Run(unused, requests, base_only),
+                "mixed_4": Run(served, requests, mixed)}
+        interleaved(list(runs.values()), args.device)
+        for key, run in runs.items():
+            results[key].append(run.num_tokens / run.seconds)
+        print(f"repeat {repeat}: " + ", ".join(f"{key} {values[-1]:.1f} tok/s" for key, values in results.items()),
+              flush=True)
     medians = {key: median(values) for key, values in results.items()}
-    base.close()
-    served.close()
-    del base, served
+    for llm in (base, unused, served):
+        llm.close()
+    del base, unused, served
 
-    many = LLM.load(path, lora_adapters=adapters, max_loras=16, **options)
-    decode_ms(many, vocab, [f"a{i}" for i in range(16)], args.device, steps=4)  # warm-up: every slot filled
-    steps = {}
-    for distinct in (0, 1, 4, 16):
-        loras = [None] * 16 if distinct == 0 else [f"a{i % distinct}" for i in range(16)]
-        steps[distinct] = median([decode_ms(many, vocab, loras, args.device) for _ in range(args.repeats)])
-    many.close()
+    counts = (0, 1, 4, 16)
+    engines = [LLM.load(path, lora_adapters=adapters if n else {}, max_loras=16, **options) for n in counts]
+    loras = [[None] * 16 if n == 0 else [f"a{i % n}" for i in range(16)] for n in counts]
+    decode_runs(engines, vocab, loras, args.device, steps=2)  # warm-up: layers wrapped, slots filled
+    samples = [decode_runs(engines, vocab, loras, args.device) for _ in range(args.repeats)]
+    steps = {n: median([sample[i] for sample in samples]) for i, n in enumerate(counts)}
+    for n in counts:
+        print(f"decode step, 16 rows, {n} distinct adapters: {steps[n]:.1f} ms", flush=True)
 
     rows = [("checkpoint", f"{'tiny' if args.tiny else 'Qwen2-0.5B'} shape, {shape['num_hidden_layers']} layers, "
                            f"{args.dtype}, {args.device}"),
@@ -155,12 +178,17 @@ def main() -> None:
                        ("mixed_4", "32 requests over 4 adapters")):
         rows.append((f"{label} (tok/s, median of {args.repeats})",
                      f"{medians[key]:.1f}  [{', '.join(f'{v:.1f}' for v in results[key])}]"))
-    rows.append(("loaded-unused / base", f"{medians['loaded_unused'] / medians['base']:.3f}"))
-    rows.append(("mixed over 4 adapters / base", f"{medians['mixed_4'] / medians['base']:.3f}"))
+    ratios = {key: [value / base_value for value, base_value in zip(results[key], results["base"], strict=True)]
+              for key in ("loaded_unused", "mixed_4")}
+    for key, label in (("loaded_unused", "loaded-unused / base"), ("mixed_4", "mixed over 4 adapters / base")):
+        rows.append((f"{label}: ratio of medians; median of per-repeat ratios",
+                     f"{medians[key] / medians['base']:.3f}; {median(ratios[key]):.3f}  "
+                     f"[{', '.join(f'{r:.3f}' for r in ratios[key])}]"))
     for distinct, ms in steps.items():
         rows.append((f"decode step, 16 rows, {distinct} distinct adapters (ms)", f"{ms:.1f}"))
     print_table("LoRA adapters served unmerged", rows)
     save_json(args.json, {"shape": shape, "rank": args.rank, "throughput": results, "medians": medians,
+                          "ratios": ratios,
                           "decode_ms": steps})
 
 

@@ -16,6 +16,9 @@ from llmasos.models.packed_linear import PackedLinear
 from llmasos.models.quantization import QuantizedLinear
 
 LINEAR_TYPES = (nn.Linear, Conv1D, PackedLinear, QuantizedLinear)
+# On a CPU, oneDNN's bf16 GEMMs cost ~40 us each however tiny, float32 ones 10-30 us up to ~8 rows and far more above
+# (rank 16, Qwen2-0.5B's 896 <-> 4864 features, one thread): a bf16 model's decode segments take the float32 copy.
+SMALL_SEGMENT_ROWS = 8
 
 
 class LoRABatch:
@@ -27,7 +30,8 @@ class LoRABatch:
 
 
 class LoRALinear(nn.Module):
-    """A base linear plus per-slot adapter weights: slot -> (A^T (in, r), (B * scale)^T (r, out)) or absent."""
+    """A base linear plus per-slot adapter weights: slot -> (A^T (in, r), (B * scale)^T (r, out), and optionally the
+    same two in float32 for segments of a few rows) or absent."""
 
     def __init__(self, base_layer: nn.Module, batch: LoRABatch) -> None:
         super().__init__()
@@ -45,8 +49,12 @@ class LoRALinear(nn.Module):
         flat_out = out.view(-1, self.out_features)  # (num_tokens, out), the same storage
         for slot, start, end in segments:
             weights = self.slots.get(slot)
-            if weights is not None:  # an adapter need not target every layer
-                a_t, b_t = weights
+            if weights is None:  # an adapter need not target every layer
+                continue
+            a_t, b_t, a_small, b_small = weights
+            if a_small is not None and end - start <= SMALL_SEGMENT_ROWS:
+                flat_out[start:end].add_(torch.mm(torch.mm(flat_x[start:end].to(a_small.dtype), a_small), b_small))
+            else:
                 flat_out[start:end].addmm_(torch.mm(flat_x[start:end], a_t), b_t)
         return out
 

@@ -233,3 +233,22 @@ def test_bf16_packed_base_runs_adapters(base_dir, adapters):
     mixed = llm.generate(PROMPTS * 2, [greedy()] * 3 + [greedy(lora="mid")] * 3)
     assert texts(mixed)[:3] == texts(plain.generate(PROMPTS, greedy()))
     assert texts(mixed)[3:] == texts(llm.generate(PROMPTS, greedy(lora="mid")))
+
+
+def test_phi3_fused_projections_match_peft(tmp_path):
+    base = tmp_path / "phi3"
+    make_checkpoint(base, family_config("phi3", num_hidden_layers=2))
+    adapter = peft_adapter(base, tmp_path / "a", 4, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    merged = peft_merged(base, adapter)
+    llm = LLM.load(base, dtype="float32", lora_adapters={"a": adapter})
+    for prompt in PROMPTS:
+        expected = merged.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        assert llm.generate([prompt], greedy(6), lora="a")[0].outputs[0].token_ids == expected[0, len(prompt):].tolist()
+
+
+def test_quantized_base_serves_adapters(base_dir, adapters):
+    llm = LLM.load(base_dir, dtype="bfloat16", quantization="int8", lora_adapters=adapters)
+    loras = [None, "small", "mid", "big"]
+    alone = [llm.generate([PROMPTS[0]], greedy(lora=lora))[0].outputs[0].token_ids for lora in loras]
+    assert texts(llm.generate([PROMPTS[0]] * 4, [greedy(lora=lora) for lora in loras])) == alone
+    assert len({tuple(t) for t in alone}) > 1
