@@ -211,6 +211,8 @@ class AuthMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("state", {}).get("console_open"):  # the console's login, static files or a valid session
+            return await self.app(scope, receive, send)
         key = None
         if scope["path"] != "/health":
             headers = Headers(scope=scope)
@@ -352,6 +354,9 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     app.include_router(protected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, state=state)  # outside the body limit: strangers get 401, not 413
+    from llmasos.server.console import install_console
+
+    install_console(app, state)  # the web console at /: its session middleware runs just before AuthMiddleware
     from llmasos.server.guard import install_guard
 
     install_guard(app, state)  # outside auth: Host, CORS preflight and JSON Content-Type come before the key
