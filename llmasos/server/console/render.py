@@ -37,7 +37,7 @@ def _render(name: str, context: dict[str, Any]) -> str:
     return environment().get_template(name).render(**context)
 
 
-async def page(request: Request, name: str, **context: Any) -> HTMLResponse:
+async def page(request: Request, template_name: str, /, **context: Any) -> HTMLResponse:
     """Render a template off the event loop, with the session's CSRF token, the navigation and the security
     headers."""
     sessions = request.app.state.console_sessions
@@ -46,7 +46,7 @@ async def page(request: Request, name: str, **context: Any) -> HTMLResponse:
     key = scope_state.get("key")
     context = {"csrf_token": sessions.csrf_token(session_id) if session_id else "", "pages": PAGES,
                "path": request.url.path, "key_name": key.name if key is not None else None, **context}
-    html = await run_in_threadpool(_render, name, context)
+    html = await run_in_threadpool(_render, template_name, context)
     response = HTMLResponse(html, headers=SECURITY_HEADERS)
     if new_cookie := scope_state.get("console_new_cookie"):
         response.headers["set-cookie"] = cookie_header(new_cookie)
