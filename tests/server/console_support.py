@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,10 +86,14 @@ def find(driver, css: str):
     return wait(driver).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
-def console_errors(driver) -> list[dict]:
+def console_errors(driver, refusals_expected: bool = False) -> list[dict]:
     """Messages of the page's JavaScript console at SEVERE level (errors, CSP violations, failed loads) since the
-    last call."""
-    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    last call; with `refusals_expected`, the browser's own lines for 4xx answers the test provoked are left out."""
+    def provoked(entry: dict) -> bool:
+        return refusals_expected and entry["source"] == "network" and bool(re.search(r"status of 4\d\d",
+                                                                                      entry["message"]))
+
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE" and not provoked(entry)]
 
 
 def log_in(driver, service: Service, key: str) -> None:
