@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
@@ -27,6 +28,7 @@ BUNDLED = "shakespeare:tiny"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_DIR = os.environ.get("LLMASOS_CONSOLE_SCREENSHOTS")  # e.g. docs/console: where the screenshots go
 _ADMIN_NAMES: set[str] = set()
+PAGES = ("/", "/keys", "/usage", "/models", "/server", "/runs", f"/models/{BUNDLED}")
 
 
 def make_admin_key(name: str) -> str:
@@ -113,3 +115,12 @@ def screenshot(driver, name: str, tmp_dir: Path) -> None:
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(directory / f"{name}-{width}.png"))
     driver.set_window_size(1280, 900)
+
+
+def logged_in_client(service, key: str) -> tuple[httpx.Client, str]:
+    """An HTTP client holding a console session, and the session's CSRF token (read from a page, as the JS does)."""
+    client = httpx.Client(base_url=service.base_url, timeout=30)
+    response = client.post("/console/login", json={"key": key})
+    assert response.status_code == 200, response.text
+    token = re.search(r'<meta name="csrf-token" content="([^"]+)">', client.get("/keys").text).group(1)
+    return client, token

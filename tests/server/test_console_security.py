@@ -10,7 +10,7 @@ import console_support as support
 import httpx
 import pytest
 from conftest import MODEL, start_service
-from console_support import BUNDLED, console_errors, find, log_in, make_admin_key, wait
+from console_support import BUNDLED, PAGES, console_errors, find, log_in, logged_in_client, make_admin_key, wait
 from selenium.webdriver.common.by import By
 
 from llmasos.server.auth import create_key, record_usage, revoke_key
@@ -20,16 +20,6 @@ admin_check, admin_key, browser, console_server = support.admin_check, support.a
     support.console_server  # the fixtures
 PAYLOADS = ('<script>window.__xss = 1</script>', '"><img src=x onerror="window.__xss=1">',
             "' onmouseover='window.__xss=1' x='")
-PAGES = ("/", "/keys", "/usage", "/models", "/server", "/runs", f"/models/{BUNDLED}")
-
-
-def logged_in_client(service, key: str) -> tuple[httpx.Client, str]:
-    """An HTTP client holding a console session, and the session's CSRF token (read from a page, as the JS does)."""
-    client = httpx.Client(base_url=service.base_url, timeout=30)
-    response = client.post("/console/login", json={"key": key})
-    assert response.status_code == 200, response.text
-    token = re.search(r'<meta name="csrf-token" content="([^"]+)">', client.get("/keys").text).group(1)
-    return client, token
 
 
 def test_console_pages_need_a_session(console_server, admin_key):
