@@ -1,10 +1,10 @@
 /* A line chart drawn as SVG elements (no library): lineChart(svg, series) with series [{points: [[x, y]...],
-   className}]; axes are the data's own ranges, labelled at the corners. */
+   className}]; axes are the data's own ranges, labelled in the chart's .axis element. */
 "use strict";
 window.lineChart = function (svg, series) {
   const NS = "http://www.w3.org/2000/svg";
   const box = svg.viewBox.baseVal;
-  const width = box.width, height = box.height, pad = 4, labelRoom = 14;
+  const width = box.width, height = box.height, pad = 4, labelRoom = 0;
   svg.replaceChildren();
   const all = series.flatMap((s) => s.points);
   if (!all.length) return;
@@ -20,14 +20,12 @@ window.lineChart = function (svg, series) {
     line.setAttribute("vector-effect", "non-scaling-stroke");
     svg.appendChild(line);
   }
-  const label = (text, x, y, anchor) => {
-    const t = document.createElementNS(NS, "text");
-    t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("text-anchor", anchor);
-    t.setAttribute("class", "tick");
-    t.textContent = text;
-    svg.appendChild(t);
-  };
-  label(Number(yMax.toPrecision(4)).toString(), pad, 12, "start");
-  label(String(xMin), pad, height - 2, "start");
-  label(String(xMax), width - pad, height - 2, "end");
+  // Labels go in the HTML next to the chart: SVG text would stretch with preserveAspectRatio="none".
+  const axis = svg.parentElement.querySelector(".axis");
+  if (axis) {
+    const spans = axis.querySelectorAll("span");
+    spans[0].textContent = String(xMin);
+    spans[1].textContent = "max " + Number(yMax.toPrecision(4));
+    spans[2].textContent = String(xMax);
+  }
 };
