@@ -360,10 +360,10 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     from llmasos.server.guard import install_guard
 
     install_guard(app, state)  # outside auth: Host, CORS preflight and JSON Content-Type come before the key
-    app.add_middleware(RequestCounterMiddleware, metrics=state.metrics)
     from llmasos.server.logs import AccessLogMiddleware
 
-    app.add_middleware(AccessLogMiddleware, state=state)  # outermost: every request is logged, every lease released
+    # Outermost: every request is counted (by route template and status) and logged, and its leases released.
+    app.add_middleware(AccessLogMiddleware, state=state)
     return app
 
 
@@ -375,26 +375,3 @@ def model_card(model_id: str, slot, row) -> dict:
     max_model_len = served.max_model_len if served is not None else row.context_length if row is not None else None
     return {"id": model_id, "object": "model", "created": created, "owned_by": "llmasos",
             "max_model_len": max_model_len, "loaded": slot is not None and slot.state == "loaded"}
-
-
-class RequestCounterMiddleware:
-    """Count responses by the route that matched (its template, not the raw path) and status."""
-
-    def __init__(self, app, metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = {"code": 500}
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        finally:
-            route = scope.get("route")
-            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()

@@ -58,7 +58,7 @@ def access_text(fields: dict[str, Any]) -> str:
 
 
 class AccessLogMiddleware:
-    """Outermost: times each request, logs its access line once the last byte is sent (a stream's tokens are then
+    """Outermost: counts each request in the metrics (route template and status), times it, logs its access line once the last byte is sent (a stream's tokens are then
     final), and releases the leases the request holds on models (so an unload waits for streams to end)."""
 
     def __init__(self, app, state) -> None:
@@ -78,6 +78,8 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            route = scope.get("route")  # the template that matched, not the raw path
+            self.state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
             request_state = scope.get("state") or {}
             for model_id in request_state.get("leases", ()):
                 self.state.models.release(model_id)

@@ -133,6 +133,9 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+DONE = sse("[DONE]")  # the last event of every stream; it carries no tokens
+
+
 class ChunkFormat:
     """The events of one stream share everything but their choice: serialise that common part once."""
 
@@ -201,6 +204,9 @@ class MeteredStream(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
             async for text, num_tokens in self.events:
+                if text == DONE:  # usage is written first: a client that stops reading at "[DONE]" finds it
+                    with anyio.CancelScope(shield=True):
+                        await self.job.finish()
                 # One pass of the event loop first: a disconnect the server already saw cancels us here, unsent.
                 await anyio.lowlevel.checkpoint()
                 await send({"type": "http.response.body", "body": text.encode("utf-8"), "more_body": True})
@@ -212,7 +218,7 @@ class MeteredStream(StreamingResponse):
             error = {"message": "internal server error: generation stopped", "type": "server_error", "param": None,
                      "code": None}
             await send({"type": "http.response.body", "body": sse({"error": error}).encode(), "more_body": True})
-        # Usage is written before the response ends: a client that reads its usage right after the stream finds it.
+        # Usage is written before the response ends (already done before a "[DONE]"; finish runs once).
         with anyio.CancelScope(shield=True):
             await self.job.finish()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
