@@ -22,6 +22,7 @@ from llmasos.server.state import ServerState
 COOKIE = "llmasos_console"
 CSRF_HEADER = "x-csrf-token"
 SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 10_000  # a keyless server makes one per cookieless page view: the oldest go first
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS = frozenset({"/login", "/console/login", "/favicon.ico"})
 STATIC_PREFIX = "/console/static/"
@@ -59,6 +60,8 @@ class Sessions:
         """A new session for `key`; returns the cookie value."""
         now = time.time()
         self._sessions = {sid: s for sid, s in self._sessions.items() if s.expires > now}
+        while len(self._sessions) >= MAX_SESSIONS:  # dicts keep insertion order: the first is the oldest
+            self._sessions.pop(next(iter(self._sessions)))
         session_id = secrets.token_urlsafe(24)
         self._sessions[session_id] = Session(key, now + SESSION_SECONDS)
         return f"{session_id}.{self._sign('session:' + session_id)}"
