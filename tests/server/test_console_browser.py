@@ -4,6 +4,7 @@ and visit every page without a JavaScript console error."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import console_support as support
@@ -158,6 +159,74 @@ def test_a_lora_runs_loss_curve_appears_and_grows(logged_in, console_server, tmp
         thread.join(timeout=300)
     assert not errors
     assert console_errors(browser) == []
+
+
+def test_start_a_lora_run_from_the_console_and_watch_its_loss_curve(logged_in, console_server, tmp_path,
+                                                                     monkeypatch):
+    browser = logged_in
+    monkeypatch.setenv("LLMASOS_RUNS_DIR", str(tmp_path / "runs"))
+    chats = tmp_path / "chats.jsonl"
+    record = {"messages": [{"role": "user", "content": "Who art thou?"},
+                           {"role": "assistant", "content": "Thou art the LLMasOS, good my lord."}]}
+    chats.write_text("\n".join(json.dumps(record) for _ in range(8)) + "\n")
+    browser.get(console_server.base_url + "/runs")
+    find(browser, "#run-name").send_keys("console-lora")
+    Select(browser.find_element(By.ID, "run-model")).select_by_value(BUNDLED)
+    steps = browser.find_element(By.ID, "run-max-steps")
+    steps.clear()
+    steps.send_keys("20")
+    browser.find_element(By.ID, "run-data").send_keys(str(chats))
+    command = browser.find_element(By.ID, "run-command").text
+    assert command.startswith(f"llmasos train --model {BUNDLED} --data chats.jsonl") and "--max-steps 20" in command
+    browser.find_element(By.ID, "run-start").click()
+    wait(browser).until(lambda d: d.current_url.endswith("/runs/console-lora"))
+    chart = find(browser, "#run-chart")
+    wait(browser, 240).until(lambda d: d.find_element(By.ID, "run-status").text in ("finished", "cancelled")
+                             or d.find_element(By.ID, "run-status").text.startswith("failed"))
+    assert browser.find_element(By.ID, "run-status").text == "finished", browser.find_element(By.ID, "run-log").text
+    wait(browser, 10).until(lambda d: int(chart.get_attribute("data-points") or 0) == 2)  # steps 10 and 20
+    assert "--method lora" in browser.find_element(By.ID, "run-command").text
+    assert (tmp_path / "runs" / "console-lora" / "adapter_config.json").is_file() or \
+        list((tmp_path / "runs" / "console-lora").glob("**/adapter_config.json"))
+    browser.get(console_server.base_url + "/runs")
+    assert "finished" in find(browser, "#runs-table").text
+    assert console_errors(browser) == []
+
+
+def test_cancel_a_run_started_from_the_console(logged_in, console_server, tmp_path, monkeypatch):
+    browser = logged_in
+    monkeypatch.setenv("LLMASOS_RUNS_DIR", str(tmp_path / "runs"))
+    chats = tmp_path / "long.jsonl"
+    chats.write_text("\n".join(json.dumps({"text": "To be, or not to be, that is the question."})
+                               for _ in range(16)) + "\n")
+    browser.get(console_server.base_url + "/runs")
+    find(browser, "#run-name").send_keys("to-cancel")
+    steps = browser.find_element(By.ID, "run-max-steps")
+    steps.clear()
+    steps.send_keys("100000")
+    browser.find_element(By.ID, "run-data").send_keys(str(chats))
+    browser.find_element(By.ID, "run-start").click()
+    wait(browser).until(lambda d: d.find_element(By.ID, "run-status").text == "running")
+    browser.find_element(By.ID, "run-cancel").click()
+    wait(browser, 30).until(lambda d: d.find_element(By.ID, "run-status").text == "cancelled")
+    assert not browser.find_element(By.ID, "run-cancel").is_displayed()
+    assert console_errors(browser) == []
+
+
+def test_a_run_refuses_bad_data_and_names(console_server, admin_key, tmp_path, monkeypatch):
+    from console_support import logged_in_client
+
+    monkeypatch.setenv("LLMASOS_RUNS_DIR", str(tmp_path / "runs"))
+    client, token = logged_in_client(console_server, admin_key)
+    headers = {"x-csrf-token": token}
+    good = json.dumps({"text": "hello"})
+    for body, message in (({"name": "../escape", "model": BUNDLED, "data": good}, "invalid"),
+                          ({"name": "bad-data", "model": BUNDLED, "data": "not json"}, "not JSON"),
+                          ({"name": "big", "model": BUNDLED, "data": good + "\n" + "x" * (3 << 20)}, "")):
+        response = client.post("/console/api/runs", json=body, headers=headers)
+        assert response.status_code in (400, 413), response.text
+        assert message in response.json()["error"]["message"]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_copy_a_library_model_then_remove_the_copy(logged_in, console_server):

@@ -41,6 +41,15 @@ class ModelName(BaseModel):
     name: str = Field(min_length=1, max_length=256)
 
 
+class NewRun(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=256)
+    method: str = "lora"
+    data: str = Field(min_length=1)
+    max_steps: int | None = Field(default=None, ge=1, le=100_000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+
+
 class ModelCopy(BaseModel):
     source: str = Field(min_length=1, max_length=256)
     target: str = Field(min_length=1, max_length=256)
@@ -159,11 +168,48 @@ def add_api(router: APIRouter, state: ServerState) -> None:
                 "itl": histogram_quantiles(state.metrics.itl, model_id)})
         return {"time": time.time(), "models": models}
 
+    @router.post("/console/api/runs")
+    async def start_run(request: Request):
+        """Start `llmasos train` on an uploaded JSONL file (LoRA or full fine-tune of a library model)."""
+        from llmasos.home import home
+        from llmasos.server.console.launcher import shell_line
+
+        body: NewRun = await parse_body(request, NewRun)
+        key = request.state.key
+        if key is not None and not key.allows(body.model):
+            raise APIError(403, f"key {key.name!r} may not use model {body.model!r}", type="permission_error")
+        launcher = request.app.state.console_launcher
+        try:
+            run = await run_in_threadpool(launcher.start, home(), queries.runs_directory(), body.name, body.model,
+                                          body.method, body.data, body.max_steps, body.learning_rate)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return {"name": run.name, "status": run.status(), "command": shell_line(run.command)}
+
+    @router.post("/console/api/runs/cancel")
+    async def cancel_run(request: Request):
+        body: KeyName = await parse_body(request, KeyName)
+        try:
+            run = request.app.state.console_launcher.cancel(body.name)
+        except KeyError:
+            raise APIError(404, f"no run named {body.name!r} was started by this server", type="not_found_error") \
+                from None
+        return {"name": run.name, "status": run.status()}
+
     @router.get("/console/api/runs/{name:path}")
-    async def run_metrics(name: str):
+    async def run_metrics(request: Request, name: str):
+        from llmasos.server.console.launcher import LOG_FILE, shell_line
+
         root = queries.runs_directory()
         directory = await run_in_threadpool(queries.resolve_run, root, name)
         if directory is None:
             raise APIError(404, f"no run named {name!r}", type="not_found_error")
         records = await run_in_threadpool(queries.read_metrics, directory / "metrics.jsonl")
-        return {"name": name, "records": records}
+        launched = request.app.state.console_launcher.runs.get(name)
+        answer: dict[str, Any] = {"name": name, "records": records, "status": None, "command": None, "log": None}
+        if launched is not None:
+            answer.update(status=launched.status(), command=shell_line(launched.command))
+            if answer["status"] != "running":
+                log = await run_in_threadpool(queries.tail, directory / LOG_FILE)
+                answer["log"] = log
+        return answer

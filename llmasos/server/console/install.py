@@ -21,6 +21,10 @@ def install_console(app: FastAPI, state: ServerState) -> None:
     add_api(router, state)
     app.include_router(router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
+    from llmasos.server.console.launcher import Launcher
+
+    app.state.console_launcher = Launcher()
+    app.router.on_shutdown.append(app.state.console_launcher.close)  # runs started here stop with the server
     sessions = Sessions()
     app.state.console_sessions = sessions
     app.add_middleware(ConsoleMiddleware, state=state, sessions=sessions)

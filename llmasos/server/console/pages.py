@@ -163,7 +163,18 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
     async def runs_page(request: Request):
         root = queries.runs_directory()
         runs = await run_in_threadpool(queries.find_runs, root)
-        return await page(request, "runs.html", title="Runs", runs=runs, root=str(root))
+        launched = request.app.state.console_launcher.runs
+        names = {run["name"] for run in runs}
+        for name in launched:  # started here, no step logged yet
+            if name not in names:
+                runs.insert(0, {"name": name, "step": None, "loss": None, "checkpoints": [], "finished": False})
+        for run in runs:
+            run["status"] = launched[run["name"]].status() if run["name"] in launched else \
+                "finished" if run["finished"] else "running or stopped"
+        from llmasos.library.registry import list_models
+
+        models = [row.name for row in await run_in_threadpool(list_models) if allowed(request, row.name)]
+        return await page(request, "runs.html", title="Runs", runs=runs, root=str(root), models=models)
 
     @router.get("/runs/{name:path}")
     async def run_page(request: Request, name: str):

@@ -108,13 +108,24 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
 
 
 def resolve_run(root: Path, name: str) -> Path | None:
-    """The run directory `name` names inside `root`, or None (also for anything that leaves `root`)."""
+    """The run directory `name` names inside `root`, or None (also for anything that leaves `root`). A directory
+    without metrics.jsonl yet counts: a run just started writes it once its first step is logged."""
     try:
         directory = (root / name).resolve()
-        directory.relative_to(root.resolve())
+        relative = directory.relative_to(root.resolve())
     except (ValueError, OSError):
         return None
-    return directory if (directory / "metrics.jsonl").is_file() else None
+    return directory if relative.parts and directory.is_dir() else None
+
+
+def tail(path: Path, num_bytes: int = 4000) -> str | None:
+    """The end of a text file (a failed run's log), or None."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - num_bytes))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None
 
 
 def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
