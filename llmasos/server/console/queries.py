@@ -130,7 +130,7 @@ def tail(path: Path, num_bytes: int = 4000) -> str | None:
 
 def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, thinned to at most MAX_METRIC_POINTS; unreadable lines are skipped (the last
-    one may be half-written while the run goes on)."""
+    one may be half-written while the run goes on). `last_only`: the last training-step record of the file's tail."""
     try:
         with path.open("rb") as handle:
             if last_only:
@@ -146,8 +146,10 @@ def read_metrics(path: Path, last_only: bool = False) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict):
             records.append(record)
-            if last_only:
-                break
+            if last_only and "loss" in record:  # the last training step (eval records carry eval_loss only)
+                return [record]
+    if last_only:
+        return records[:1]
     stride = max(1, len(records) // MAX_METRIC_POINTS)
     return records[::stride]
 
