@@ -110,6 +110,12 @@ def test_create_a_key_see_it_listed_use_it_and_see_its_usage_then_revoke_it(logg
     table = find(browser, "#usage-table")
     rows = [r.text for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if r.text.startswith("browser-made")]
     assert rows and rows[0].split()[1] == BUNDLED and rows[0].split()[2] == "3", rows
+    Select(browser.find_element(By.ID, "usage-key")).select_by_value("browser-made")
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    wait(browser).until(lambda d: "key=browser-made" in d.current_url)
+    first_cells = "return Array.from(document.querySelectorAll('#usage-table tbody td:first-child'), c => c.innerText)"
+    wait(browser).until(lambda d: d.execute_script(first_cells) == ["browser-made"])
+    assert "key=browser-made" in browser.find_element(By.ID, "usage-csv").get_attribute("href")
     assert console_errors(browser) == []
 
     browser.get(console_server.base_url + "/keys")

@@ -40,6 +40,14 @@ def test_usage_by_key_and_model_and_by_day(rows):
         ("2026-03-10", 3, 0.75), ("2026-03-11", 0, 0.0), ("2026-03-12", 1, 1.0)]
 
 
+def test_usage_filtered_by_key_and_model(rows):
+    start, end = queries.date_range("2026-03-01", "2026-03-31")
+    assert [r["requests"] for r in queries.usage_by_key_and_model(start, end, key="alice", model="m1")] == [2]
+    assert [(r["key"], r["requests"]) for r in queries.usage_by_key_and_model(start, end, key="")] == [(None, 1)]
+    assert sum(d["requests"] for d in queries.usage_by_day(start, end, model="m1")) == 4
+    assert queries.usage_names() == (["alice", "bob"], ["m1", "m2"])
+
+
 def test_usage_by_key_has_the_last_use(rows):
     usage = queries.usage_by_key()
     assert usage["alice"]["requests"] == 3 and usage["alice"]["last_used"] == "2026-03-12T12:00:00"

@@ -32,6 +32,12 @@ def bar_chart(values: list[float], labels: list[str]) -> dict[str, Any]:
             "first": labels[0] if labels else "", "last": labels[-1] if labels else ""}
 
 
+def _filters(request: Request) -> tuple[str | None, str | None]:
+    """The usage page's key and model filters (absent or 'all': no filter)."""
+    key, model = request.query_params.get("key"), request.query_params.get("model")
+    return (None if key in (None, "*") else key), (None if model in (None, "", "*") else model)
+
+
 def _date_range(request: Request):
     try:
         return queries.date_range(request.query_params.get("start"), request.query_params.get("end"))
@@ -72,11 +78,13 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
     @router.get("/usage")
     async def usage_page(request: Request):
         start, end = _date_range(request)
+        key, model = _filters(request)
 
         def read():
-            return queries.usage_by_key_and_model(start, end), queries.usage_by_day(start, end), prices()
+            return (queries.usage_by_key_and_model(start, end, key, model),
+                    queries.usage_by_day(start, end, key, model), prices(), queries.usage_names())
 
-        rows, days, price_rows = await run_in_threadpool(read)
+        rows, days, price_rows, (key_names, model_names) = await run_in_threadpool(read)
         labels = [day["day"] for day in days]
         charts = [(title, bar_chart([day[field] for day in days], labels)) for title, field in
                   (("Requests", "requests"), ("Prompt tokens", "prompt_tokens"),
@@ -89,7 +97,8 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
                 total[field] += row[field]
         return await page(request, "usage.html", title="Usage", rows=rows, by_model=list(by_model.values()),
                           charts=charts, start=start.isoformat(), end=end.isoformat(), prices=price_rows,
-                          total_cost=sum(row["cost"] for row in rows))
+                          total_cost=sum(row["cost"] for row in rows), key_names=key_names, model_names=model_names,
+                          key=key, model=model)
 
     def prices() -> list[dict[str, Any]]:
         """$ per 1M tokens of every model this server can serve (library rows give the parameter count)."""
@@ -107,7 +116,7 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
     @router.get("/console/usage.csv")
     async def usage_csv(request: Request):
         start, end = _date_range(request)
-        rows = await run_in_threadpool(queries.usage_by_key_and_model, start, end)
+        rows = await run_in_threadpool(queries.usage_by_key_and_model, start, end, *_filters(request))
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["key", "model", "requests", "prompt_tokens", "completion_tokens", "cost"])

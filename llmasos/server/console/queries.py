@@ -32,10 +32,16 @@ def date_range(start: str | None, end: str | None, default_days: int = 30) -> tu
     return start_day, end_day
 
 
-def _window(query, start: dt.date, end: dt.date):
+def _window(query, start: dt.date, end: dt.date, key: str | None = None, model: str | None = None):
+    """Rows of [start, end], of one key and one model when given ('' for the rows without a key)."""
     since = dt.datetime.combine(start, dt.time())
     until = dt.datetime.combine(end + dt.timedelta(days=1), dt.time())
-    return query.where(UsageRecord.created_at >= since, UsageRecord.created_at < until)
+    query = query.where(UsageRecord.created_at >= since, UsageRecord.created_at < until)
+    if key is not None:
+        query = query.where(UsageRecord.key_name.is_(None) if key == "" else UsageRecord.key_name == key)
+    if model is not None:
+        query = query.where(UsageRecord.model == model)
+    return query
 
 
 def _totals():
@@ -49,26 +55,37 @@ def _row(values) -> dict[str, Any]:
             "cost": float(cost)}
 
 
-def usage_by_key_and_model(start: dt.date, end: dt.date) -> list[dict[str, Any]]:
+def usage_by_key_and_model(start: dt.date, end: dt.date, key: str | None = None,
+                           model: str | None = None) -> list[dict[str, Any]]:
     query = select(UsageRecord.key_name, UsageRecord.model, *_totals()).group_by(UsageRecord.key_name,
                                                                                   UsageRecord.model)
     with session() as db:
-        rows = db.execute(_window(query, start, end).order_by(UsageRecord.key_name, UsageRecord.model)).all()
+        rows = db.execute(_window(query, start, end, key, model).order_by(UsageRecord.key_name,
+                                                                          UsageRecord.model)).all()
     return [{"key": key, "model": model, **_row(rest)} for key, model, *rest in rows]
 
 
-def usage_by_day(start: dt.date, end: dt.date) -> list[dict[str, Any]]:
+def usage_by_day(start: dt.date, end: dt.date, key: str | None = None,
+                 model: str | None = None) -> list[dict[str, Any]]:
     """One entry per day of the range, days without usage included (as zeros)."""
     day = func.date(UsageRecord.created_at)
     query = select(day, *_totals()).group_by(day)
     with session() as db:
-        found = {str(d): _row(rest) for d, *rest in db.execute(_window(query, start, end)).all()}
+        found = {str(d): _row(rest) for d, *rest in db.execute(_window(query, start, end, key, model)).all()}
     days = []
     current = start
     while current <= end:
         days.append({"day": current.isoformat(), **found.get(current.isoformat(), _row((0, 0, 0, 0.0)))})
         current += dt.timedelta(days=1)
     return days
+
+
+def usage_names() -> tuple[list[str], list[str]]:
+    """The key names and models that have usage (the filters of the usage page)."""
+    with session() as db:
+        keys = db.scalars(select(UsageRecord.key_name).where(UsageRecord.key_name.is_not(None)).distinct()).all()
+        models = db.scalars(select(UsageRecord.model).distinct()).all()
+    return sorted(keys), sorted(models)
 
 
 def usage_by_key() -> dict[str | None, dict[str, Any]]:
