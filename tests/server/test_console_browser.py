@@ -62,6 +62,33 @@ def test_chat_streams_a_reply_with_timings_and_shows_the_code(logged_in, console
     assert console_errors(browser) == []
 
 
+def test_a_json_schema_reply_and_a_bad_schema(logged_in, console_server):
+    browser = logged_in
+    browser.get(console_server.base_url + "/")
+    find(browser, "#chat-structured summary").click()
+    Select(browser.find_element(By.ID, "chat-format")).select_by_value("json_schema")
+    schema = browser.find_element(By.ID, "chat-schema")
+    schema.send_keys('{"type": "object", "properties": {"name": {"enum": ["Romeo", "Juliet"]}}, "required": ["name"]')
+    assert "not valid JSON" in browser.find_element(By.ID, "chat-error").text  # the closing brace is missing
+    schema.send_keys("}")
+    assert browser.find_element(By.ID, "chat-error").text == ""
+    max_tokens = browser.find_element(By.ID, "chat-max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("40")
+    browser.find_element(By.ID, "chat-input").send_keys("Who loves Juliet?")
+    browser.find_element(By.ID, "chat-send").click()
+    wait(browser, 120).until(lambda d: "finish:" in d.find_element(By.ID, "chat-stats").text)
+    assert browser.find_element(By.ID, "chat-error").text == ""
+    reply = browser.find_elements(By.CSS_SELECTOR, ".message.assistant .content")[-1].text
+    if "finish: stop" in browser.find_element(By.ID, "chat-stats").text:
+        assert json.loads(reply)["name"] in ("Romeo", "Juliet")
+    else:
+        assert reply.lstrip().startswith("{")
+    assert 'response_format={"type": "json_schema"' in browser.find_element(By.ID, "code-python").get_attribute(
+        "textContent")
+    assert console_errors(browser) == []
+
+
 def test_the_stop_button_ends_a_long_reply(logged_in, console_server):
     browser = logged_in
     browser.get(console_server.base_url + "/")

@@ -22,8 +22,23 @@ document.addEventListener("DOMContentLoaded", function () {
     if (!Number.isNaN(seed)) body.seed = seed;
     const stop = $("chat-stop").value.split("\n").filter((s) => s.length);
     if (stop.length) body.stop = stop;
+    const format = $("chat-format").value;
+    if (format === "json_object") body.response_format = {type: "json_object"};
+    if (format === "json_schema") {
+      const schema = parseJson("chat-schema", "the JSON schema");
+      body.response_format = {type: "json_schema", json_schema: {name: "output", schema: schema}};
+    }
+    if ($("chat-tools").value.trim()) body.tools = parseJson("chat-tools", "the tools");
     if (stream) { body.stream = true; body.stream_options = {include_usage: true}; }
     return body;
+  }
+
+  function parseJson(id, what) {
+    try {
+      return JSON.parse($(id).value || "null");
+    } catch (error) {
+      throw new Error(what + " is not valid JSON: " + error.message);
+    }
   }
 
   function pythonValue(value, indent) {
@@ -38,7 +53,14 @@ document.addEventListener("DOMContentLoaded", function () {
   }
 
   function updateCode() {
-    const body = request(false);
+    let body;
+    try {
+      body = request(false);
+      LLMasOS.show("chat-error", "");
+    } catch (error) {
+      LLMasOS.show("chat-error", error.message);
+      return;
+    }
     const base = window.location.origin;
     const shellJson = JSON.stringify(body, null, 2).replace(/'/g, "'\\''");
     $("code-curl").textContent = "curl " + base + "/v1/chat/completions \\\n  -H 'Content-Type: application/json' \\\n" +
@@ -73,6 +95,7 @@ document.addEventListener("DOMContentLoaded", function () {
     const text = $("chat-input").value;
     if (!text.trim() || controller) return;
     LLMasOS.show("chat-error", "");
+    try { request(true); } catch (error) { LLMasOS.show("chat-error", error.message); return; }
     history.push({role: "user", content: text});
     addMessage("user", text);
     $("chat-input").value = "";
@@ -110,6 +133,11 @@ document.addEventListener("DOMContentLoaded", function () {
             if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
             if (chunk.usage) completionTokens = chunk.usage.completion_tokens;
             for (const choice of chunk.choices || []) {
+              for (const call of (choice.delta && choice.delta.tool_calls) || []) {
+                const fn = call.function || {};
+                reply += (fn.name ? "\n[tool call] " + fn.name + " " : "") + (fn.arguments || "");
+                output.textContent = reply;
+              }
               const delta = (choice.delta && choice.delta.content) || "";
               if (delta) {
                 if (firstToken === null) firstToken = performance.now();
