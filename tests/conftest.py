@@ -17,3 +17,20 @@ def isolated_llmasos_home(tmp_path_factory):
         for name in USER_STATE_VARIABLES:
             patch.delenv(name, raising=False)
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (Debian's `postgresql` package); skipped, with the reason, only
+    when it cannot start here."""
+    from support_postgres import PostgresUnavailable, start_postgres
+
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server for these tests: {exc}")
+    yield server
+    from llmasos.db import dispose_all
+
+    dispose_all()  # close pooled connections before the server goes away
+    server.stop()

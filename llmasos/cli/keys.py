@@ -30,16 +30,17 @@ def keys() -> None:
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=None)
 @click.option("--models", default=None, help="Comma-separated model ids this key may use (default: all).")
 @click.option("--expires", default=None, help="Expiry date, YYYY-MM-DD (UTC).")
+@click.option("--admin", is_flag=True, help="May use the admin endpoints (adapters, the web console).")
 @click.option("--json", "as_json", is_flag=True)
-def create(name, token_quota, rpm, tpm, max_concurrency, models, expires, as_json) -> None:
+def create(name, token_quota, rpm, tpm, max_concurrency, models, expires, admin, as_json) -> None:
     """Create a key and print it once."""
     from llmasos.server.auth import create_key
 
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
     secret = create_key(name, token_quota=token_quota, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency,
-                        models=model_list, expires=_date(expires))
+                        models=model_list, expires=_date(expires), admin=admin)
     if as_json:
-        click.echo(json.dumps({"name": name, "key": secret}))
+        click.echo(json.dumps({"name": name, "key": secret, "admin": admin}))
     else:
         click.echo(f"created key {name!r} — copy it now, it will not be shown again:\n{secret}")
 
@@ -57,12 +58,13 @@ def list_(as_json) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    table = Table("name", "prefix", "created", "expires", "status", "quota", "rpm", "tpm", "concurrency", "models")
+    table = Table("name", "prefix", "created", "expires", "status", "quota", "rpm", "tpm", "concurrency", "models",
+                  "admin")
     for r in rows:
         table.add_row(r["name"], r["prefix"] + "…", r["created_at"], r["expires_at"] or "-",
                       "revoked" if r["revoked"] else "active", *(str(r[k] or "-") for k in
                                                                   ("token_quota", "rpm", "tpm", "max_concurrency")),
-                      ",".join(r["models"]) if r["models"] else "all")
+                      ",".join(r["models"]) if r["models"] else "all", "yes" if r["admin"] else "-")
     table_console().print(table)
 
 

@@ -91,6 +91,7 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
     next, and the server serves them only; without --model it serves every library model by name."""
     import logging.config
 
+    from llmasos.db import get_engine
     from llmasos.server.lifecycle import ModelManager
     from llmasos.server.logs import logging_config
     from llmasos.server.metering import PriceTable
@@ -99,6 +100,7 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
     from llmasos.spec import resolve_spec
 
     logging.config.dictConfig(logging_config(log_level, log_format))
+    get_engine()  # the database's schema is checked (an embedded one upgraded) before anything loads
     check_bind(host, allow_unauthenticated)  # before minutes of loading
     if served_model_name and len(models) != 1:
         raise click.UsageError("--served-model-name applies to a single --model")

@@ -253,6 +253,9 @@ def _pull_locked(spec: PullSpec, progress: DownloadProgress) -> tuple[LibraryMod
                                f"first (`llmasos rm {spec.name}`) or pull under another name with --name")
         if existing.source_commit == commit and store.checkpoint_path(existing.directory).is_dir():
             return existing, "up to date"
+    # Servers sharing one registry (LLMASOS_DATABASE_URL) each keep their own store: this one lacks the files of a
+    # model another pulled. Fetch that same commit into the directory the registry names; the row stays as it is.
+    fill = existing is not None and existing.source_commit == commit
     if info.gated and get_token() is None:
         raise LibraryError(gated_message(spec.repo_id))
     files = remote_files(info, spec.repo_id)
@@ -282,10 +285,27 @@ def _pull_locked(spec: PullSpec, progress: DownloadProgress) -> tuple[LibraryMod
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
             hashes[relative] = sha256
+        if fill:
+            return _fill(existing, staged, hashes), "fetched onto this server"
         row = register_staged(staged, spec.name, hashes, source_type="hub", replace=existing is not None,
                               source_repo=spec.repo_id, source_revision=spec.revision, source_commit=commit,
                               license=str(license_name) if license_name else None)
     return row, "updated" if existing is not None else "pulled"
+
+
+def _fill(existing, staged: Path, hashes: dict[str, str]):
+    """Place files fetched for a registered model into the store directory its row names, if they are its files."""
+    expected = {entry["path"]: entry["sha256"] for entry in existing.files or []}
+    if any(hashes.get(path) != sha256 for path, sha256 in expected.items()):
+        raise LibraryError(f"the files fetched for {existing.name!r} differ from the ones the registry records for its "
+                           f"commit {existing.source_commit[:12]}; remove it (`llmasos rm {existing.name}`) and pull "
+                           "it again")
+    for extra in set(hashes) - set(expected):
+        (staged / extra).unlink()
+    with store.lock(store.REGISTRY_LOCK):
+        if not store.checkpoint_path(existing.directory).is_dir():
+            store.place(staged, existing.name, existing.directory)
+    return existing
 
 
 def _read_index(path: Path) -> dict:

@@ -59,8 +59,7 @@ def with_system_prompt(messages: list[dict[str, Any]], system: str | None) -> li
 def resolved_from_row(row: LibraryModel) -> ResolvedModel:
     path = store.checkpoint_path(row.directory)
     if not path.is_dir():
-        raise LibraryError(f"the files of {row.name!r} are missing from the store ({path}); remove it with "
-                           f"`llmasos rm {row.name}` and pull or import it again")
+        path = _files_elsewhere(row, path)
     adapter = None
     if row.adapter:
         adapter = store.checkpoint_path(row.adapter)
@@ -68,6 +67,38 @@ def resolved_from_row(row: LibraryModel) -> ResolvedModel:
             raise LibraryError(f"the LoRA adapter of {row.name!r} is missing from the store ({adapter})")
     return ResolvedModel(name=row.name, path=path, system=row.system or None, parameters=dict(row.parameters or {}),
                          template=row.chat_template, adapter=adapter, library=True)
+
+
+def _files_elsewhere(row: LibraryModel, path: Path) -> Path:
+    """Where a registered model's files are when this server's store lacks them: the bundled model in the package
+    (every server has it), or nowhere: then say how to fetch them. The registry may be shared by servers
+    (LLMASOS_DATABASE_URL) that each keep their own store."""
+    if row.source_type == "bundled" and _is_bundled(row):
+        return BUNDLED_MODEL_DIR
+    if row.source_type == "hub":  # the commit the registry records, so that every server holds the same files
+        fetch = f"`llmasos pull {row.source_repo}:{row.source_commit} --name {row.name}`" if row.source_commit \
+            else f"`llmasos pull {row.name}`"
+        how = f"fetch them onto this server with {fetch} (same LLMASOS_DATABASE_URL)"
+    else:
+        how = (f"servers that share the database need the store's files too: give them one shared store volume, or "
+               f"import the model on this server; or remove it with `llmasos rm {row.name}` and `llmasos pull` or "
+               "import it again")
+    raise LibraryError(f"the files of {row.name!r} are missing from this server's store ({path}): {how}")
+
+
+def _is_bundled(row: LibraryModel) -> bool:
+    """The package's bundled model has exactly the files the row records (sizes, then checksums)."""
+    import hashlib
+
+    entries = row.files or []
+    if not entries or not BUNDLED_MODEL_DIR.is_dir():
+        return False
+    for entry in entries:
+        file = BUNDLED_MODEL_DIR / entry["path"]
+        if not file.is_file() or file.stat().st_size != int(entry["size"]):
+            return False
+    return all(hashlib.sha256((BUNDLED_MODEL_DIR / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+               for entry in entries)
 
 
 def resolve_model(name_or_path: str | Path) -> ResolvedModel:

@@ -82,10 +82,12 @@ def staging(name: str) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def place(staged: Path, name: str) -> str:
-    """Rename a complete, validated staging directory into the store; return its directory id."""
-    directory = new_directory_id(name)
-    target = _subdir(CHECKPOINTS) / directory
+def place(staged: Path, name: str, directory: str | None = None) -> str:
+    """Rename a complete, validated staging directory into the store; return its directory id (a new one, or
+    `directory`: the id a shared registry already names, filled on a server that lacks its files)."""
+    directory = directory or new_directory_id(name)
+    target = checkpoint_path(directory)
+    _subdir(CHECKPOINTS)
     os.replace(staged, target)
     return directory
 

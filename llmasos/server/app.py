@@ -340,7 +340,7 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
         key = request.state.key
         if key is None:
             raise APIError(400, "usage is per API key; this server runs without keys")
-        return {"object": "list", "data": usage_summary(key.name)}
+        return {"object": "list", "data": await run_in_threadpool(usage_summary, key.name)}  # database: off the loop
 
     from llmasos.server.openai_routes import add_generation_routes
 

@@ -8,14 +8,16 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import DateTime, Float, Integer, String, func, select
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, Integer, String, false, func, insert, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from llmasos.db import Base, session
+from llmasos.db import Base, connection, session
+from llmasos.server.limits_store import add_used_tokens, ensure_counter, used_tokens
 
 KEY_PREFIX = "sk-llmasos-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_SHAPE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+INT_MAX, BIGINT_MAX = 2**31 - 1, 2**63 - 1  # what the columns hold in every database (PostgreSQL checks)
 
 
 def utcnow() -> dt.datetime:
@@ -32,11 +34,13 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
-    token_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # BIGINT since revision 0003
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     models: Mapped[str | None] = mapped_column(String(2048), nullable=True)  # comma-separated allow-list
+    # May use the admin endpoints (adapters, the web console); revision 0002.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class UsageRecord(Base):
@@ -63,6 +67,7 @@ class KeyInfo:
     tpm: int | None
     max_concurrency: int | None
     models: tuple[str, ...] | None
+    admin: bool = False  # may use the admin endpoints
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -74,21 +79,24 @@ def hash_key(key: str) -> str:
 
 def create_key(name: str, token_quota: int | None = None, rpm: int | None = None, tpm: int | None = None,
                max_concurrency: int | None = None, models: list[str] | None = None,
-               expires: dt.datetime | None = None) -> str:
+               expires: dt.datetime | None = None, admin: bool = False) -> str:
     """Create a key and return its secret (the only time it is ever shown)."""
     if not _NAME.match(name or ""):
         raise ValueError(f"key name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-'")
-    limits = (("token quota", token_quota), ("rpm", rpm), ("tpm", tpm), ("max concurrency", max_concurrency))
-    for label, value in limits:
-        if value is not None and value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value}")
+    limits = (("token quota", token_quota, BIGINT_MAX), ("rpm", rpm, INT_MAX), ("tpm", tpm, BIGINT_MAX),
+              ("max concurrency", max_concurrency, INT_MAX))
+    for label, value, most in limits:
+        if value is not None and not 1 <= value <= most:
+            raise ValueError(f"{label} must be an integer from 1 to {most}, got {value}")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     with session() as db:
         if db.scalar(select(ApiKey).where(ApiKey.name == name)) is not None:
             raise ValueError(f"a key named {name!r} already exists; revoke it first or pick another name")
         db.add(ApiKey(name=name, key_hash=hash_key(secret), key_prefix=secret[:16], token_quota=token_quota, rpm=rpm,
                       tpm=tpm, max_concurrency=max_concurrency, expires_at=expires,
-                      models=",".join(models) if models else None))
+                      models=",".join(models) if models else None, admin=admin))
+        db.flush()
+        ensure_counter(db.connection(), name)
     return secret
 
 
@@ -106,7 +114,8 @@ def list_keys() -> list[dict]:
         return [{"name": k.name, "prefix": k.key_prefix, "created_at": k.created_at.isoformat(timespec="seconds"),
                  "expires_at": k.expires_at.isoformat(timespec="seconds") if k.expires_at else None,
                  "revoked": k.revoked_at is not None, "token_quota": k.token_quota, "rpm": k.rpm, "tpm": k.tpm,
-                 "max_concurrency": k.max_concurrency, "models": k.models.split(",") if k.models else None}
+                 "max_concurrency": k.max_concurrency, "models": k.models.split(",") if k.models else None,
+                 "admin": bool(k.admin)}
                 for k in rows]
 
 
@@ -128,26 +137,31 @@ def lookup_key(secret: str) -> KeyInfo | None:
     if not secret.startswith(KEY_PREFIX) or not _KEY_SHAPE.match(secret[len(KEY_PREFIX):]):
         return None
     now = utcnow()
-    with session() as db:
-        key = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
-        if key is None or key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
-            return None
-        return KeyInfo(key.name, key.token_quota, key.rpm, key.tpm, key.max_concurrency,
-                       tuple(key.models.split(",")) if key.models else None)
+    with connection() as db:  # every request: Core, not the ORM
+        key = db.execute(select(ApiKey.name, ApiKey.token_quota, ApiKey.rpm, ApiKey.tpm, ApiKey.max_concurrency,
+                                ApiKey.models, ApiKey.admin, ApiKey.revoked_at, ApiKey.expires_at)
+                         .where(ApiKey.key_hash == hash_key(secret))).first()
+    if key is None or key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
+        return None
+    return KeyInfo(key.name, key.token_quota, key.rpm, key.tpm, key.max_concurrency,
+                   tuple(key.models.split(",")) if key.models else None, bool(key.admin))
 
 
 def tokens_used(key_name: str) -> int:
-    with session() as db:
-        total = db.scalar(select(func.coalesce(func.sum(UsageRecord.prompt_tokens + UsageRecord.completion_tokens), 0))
-                          .where(UsageRecord.key_name == key_name))
-        return int(total or 0)
+    """Prompt + completion tokens metered for the key: its counter, kept in step with its usage rows."""
+    return used_tokens(key_name)
 
 
 def record_usage(key_name: str | None, model: str, route: str, request_id: str, prompt_tokens: int,
                  completion_tokens: int, cost: float) -> None:
-    with session() as db:
-        db.add(UsageRecord(key_name=key_name, model=model, route=route, request_id=request_id,
-                           prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost))
+    """One usage row, and the key's quota counter moved by as much, in one transaction (so never one without the
+    other, whichever server writes it)."""
+    with connection() as db:
+        db.execute(insert(UsageRecord).values(key_name=key_name, model=model, route=route, request_id=request_id,
+                                              created_at=utcnow(), prompt_tokens=prompt_tokens,
+                                              completion_tokens=completion_tokens, cost=cost))
+        if key_name is not None:
+            add_used_tokens(db, key_name, prompt_tokens + completion_tokens)
 
 
 def usage_summary(key_name: str | None = None, since: dt.datetime | None = None) -> list[dict]:

@@ -108,17 +108,21 @@ def add_embedding_routes(router: APIRouter, state: ServerState) -> None:
             raise APIError(400, str(exc), param="input") from None
         prompt_tokens = sum(len(ids) for ids in id_lists)
         request.state.usage = (prompt_tokens, 0)
-        admission = state.limiter.admit(key, prompt_tokens, 0)
+        admission = await run_in_threadpool(state.limiter.admit, key, prompt_tokens, 0)  # database: off the loop
         request_id = f"embd-{uuid.uuid4().hex}"
-        try:
-            vectors = (await run_in_threadpool(service.encode_ids, id_lists, prompt_length)).tolist()
-        finally:
+
+        def account() -> None:
             cost = state.settings.price_table.cost(served.id, served.num_parameters, prompt_tokens, 0)
             try:
                 record_usage(key.name if key else None, served.id, "embeddings", request_id, prompt_tokens, 0, cost)
             finally:
                 state.limiter.release(admission, prompt_tokens)
                 state.metrics.prompt_tokens.labels(served.id).inc(prompt_tokens)
+
+        try:
+            vectors = (await run_in_threadpool(service.encode_ids, id_lists, prompt_length)).tolist()
+        finally:
+            await run_in_threadpool(account)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": served.id,

@@ -1,20 +1,29 @@
 """Pricing and per-key limits: a price table ($ per 1M tokens, growing with model size by default), and an admission
-controller enforcing requests/tokens per minute, concurrent requests and the token quota, with OpenAI's headers."""
+controller enforcing requests/tokens per minute, concurrent requests and the token quota, with OpenAI's headers.
+
+The limits live in the database (`limits_store`), so servers sharing one database enforce them together; only the
+fair share of one server (`max_sequences_per_key`) is counted per process."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmasos.server.auth import KeyInfo, tokens_used
+from llmasos.server import limits_store
+from llmasos.server.auth import KeyInfo
+from llmasos.server.limits_store import WINDOW_SECONDS, Window
 from llmasos.server.protocol import APIError
 
-WINDOW_SECONDS = 60.0
+log = logging.getLogger(__name__)
+# How long a request's reservation outlives its server: a live server renews it every third of this, so a crashed
+# server's reservations (concurrency, quota) are released this many seconds after its last renewal at the latest.
+DEFAULT_LEASE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,125 +63,174 @@ class PriceTable:
 
 
 @dataclass
-class _KeyState:
-    requests: deque = field(default_factory=deque)  # admission times
-    tokens: deque = field(default_factory=deque)  # (time, tokens)
-    in_flight: int = 0  # sequences (prompts x n) admitted and not yet released
-    reserved: int = 0  # tokens promised to in-flight requests, so parallel requests cannot overrun the quota
-
-
-@dataclass
 class Admission:
     key: KeyInfo | None
     max_completion_tokens: int | None  # what the quota still allows, None = unlimited
     reserved: int = 0
     released: bool = False
     sequences: int = 1
+    admission_id: int | None = None  # its row in the database's `admissions`
+
+
+def lease_seconds() -> float:
+    value = os.environ.get("LLMASOS_RESERVATION_LEASE", "")
+    try:
+        return float(value) if value else DEFAULT_LEASE_SECONDS
+    except ValueError:
+        raise ValueError(f"LLMASOS_RESERVATION_LEASE={value!r} is not a number of seconds") from None
 
 
 class Limiter:
-    """Per-process sliding-window limits. The token quota is read from the shared database, so it holds across
-    servers; per-minute limits apply per server process."""
+    """Admission by per-key limits shared through the database. `admit` and `release` block (database): call them
+    from a worker thread. `headers` never touches the database: it answers from the window the last admission of the
+    key saw on this server."""
 
-    def __init__(self) -> None:
-        self._keys: dict[str, _KeyState] = {}
-        self._lock = threading.Lock()  # admit runs in a worker thread (its quota check reads the database)
-
-    def _state(self, name: str) -> _KeyState:
-        state = self._keys.setdefault(name, _KeyState())
-        cutoff = time.monotonic() - WINDOW_SECONDS
-        while state.requests and state.requests[0] < cutoff:
-            state.requests.popleft()
-        while state.tokens and state.tokens[0][0] < cutoff:
-            state.tokens.popleft()
-        return state
+    def __init__(self, lease: float | None = None) -> None:
+        self.lease = lease if lease is not None else lease_seconds()
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, Window]] = {}  # key -> (monotonic time, window after its last admission)
+        self._local: dict[str, int] = {}  # key -> sequences in flight on this server (its fair share)
+        self._live: set[int] = set()  # admission ids running here, whose leases the renewer extends
+        self._renewer: threading.Thread | None = None
 
     def headers(self, key: KeyInfo | None) -> dict[str, str]:
         if key is None:
             return {}
         with self._lock:
-            return self._headers(key)
+            seen = self._seen.get(key.name)
+        if seen is None:
+            return {}
+        at, window = seen
+        return self._headers(key, window, time.monotonic() - at)
 
-    def _headers(self, key: KeyInfo) -> dict[str, str]:
-        state = self._state(key.name)
-        now = time.monotonic()
+    @staticmethod
+    def _headers(key: KeyInfo, window: Window, elapsed: float = 0.0) -> dict[str, str]:
         out: dict[str, str] = {}
         if key.rpm:
             out["x-ratelimit-limit-requests"] = str(key.rpm)
-            out["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - len(state.requests)))
-            reset = state.requests[0] + WINDOW_SECONDS - now if state.requests else 0.0
+            out["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - window.requests))
+            age = window.oldest_request_age
+            reset = WINDOW_SECONDS - age - elapsed if age is not None else 0.0
             out["x-ratelimit-reset-requests"] = f"{max(0.0, reset):.3f}s"
         if key.tpm:
-            used = sum(n for _, n in state.tokens)
             out["x-ratelimit-limit-tokens"] = str(key.tpm)
-            out["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - used))
-            reset = state.tokens[0][0] + WINDOW_SECONDS - now if state.tokens else 0.0
+            out["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - window.tokens))
+            age = window.oldest_tokens_age
+            reset = WINDOW_SECONDS - age - elapsed if age is not None else 0.0
             out["x-ratelimit-reset-tokens"] = f"{max(0.0, reset):.3f}s"
         if key.max_concurrency:
             out["x-ratelimit-limit-concurrent-requests"] = str(key.max_concurrency)
-            out["x-ratelimit-remaining-concurrent-requests"] = str(max(0, key.max_concurrency - state.in_flight))
+            out["x-ratelimit-remaining-concurrent-requests"] = str(max(0, key.max_concurrency - window.in_flight))
         return out
 
-    def _reject(self, key: KeyInfo, message: str, retry_after: float, code: str = "rate_limit_exceeded",
-                type: str = "rate_limit_error", extra: dict[str, str] | None = None) -> APIError:
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **self._headers(key), **(extra or {})}
+    def _reject(self, key: KeyInfo, window: Window, message: str, retry_after: float,
+                code: str = "rate_limit_exceeded", type: str = "rate_limit_error",
+                extra: dict[str, str] | None = None) -> APIError:
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after))), **self._headers(key, window), **(extra or {})}
         return APIError(429, message, type=type, code=code, headers=headers)
 
     def admit(self, key: KeyInfo | None, prompt_tokens: int, max_tokens: int, sequences: int = 1,
               max_sequences_per_key: int | None = None) -> Admission:
         """Admit a request of `sequences` sequences (prompts x n) or raise a 429 APIError. rpm counts requests;
         concurrency and the key's fair share (`max_sequences_per_key`) count sequences. Caps generation at what the
-        key's quota still allows. Thread-safe; blocking (the quota is read from the database)."""
+        key's quota still allows. Thread-safe; blocking (one database transaction)."""
         if key is None:
             return Admission(None, None, sequences=sequences)
-        with self._lock:
-            return self._admit(key, prompt_tokens, max_tokens, sequences, max_sequences_per_key)
+        if key.max_concurrency and sequences > key.max_concurrency:
+            raise APIError(400, f"the request asks for {sequences} sequences (prompts x n) but key {key.name!r} "
+                           f"allows {key.max_concurrency} at once; split it", param="n")
+        with self._lock:  # this server's fair share: taken first, given back if the database refuses
+            local = self._local.get(key.name, 0)
+            if max_sequences_per_key and local + sequences > max_sequences_per_key:
+                raise APIError(429, f"key {key.name!r} already holds {local} sequences, its fair share of this "
+                               f"server ({max_sequences_per_key}); retry when some finish", type="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            self._local[key.name] = local + sequences
+        decided: list = [None, 0]  # (completion tokens the quota allows, tokens reserved), as the database decided
 
-    def _admit(self, key: KeyInfo, prompt_tokens: int, max_tokens: int, sequences: int,
-               max_sequences_per_key: int | None) -> Admission:
-        state = self._state(key.name)
-        now = time.monotonic()
-        if key.rpm and len(state.requests) >= key.rpm:
-            raise self._reject(key, f"rate limit reached: {key.rpm} requests per minute for key {key.name!r}",
-                               state.requests[0] + WINDOW_SECONDS - now)
-        if key.tpm:
-            used = sum(n for _, n in state.tokens)
-            if used + prompt_tokens > key.tpm:
-                wait = state.tokens[0][0] + WINDOW_SECONDS - now if state.tokens else WINDOW_SECONDS
-                raise self._reject(key, f"rate limit reached: {key.tpm} tokens per minute for key {key.name!r}", wait)
-        if key.max_concurrency and state.in_flight + sequences > key.max_concurrency:
-            if sequences > key.max_concurrency:
-                raise APIError(400, f"the request asks for {sequences} sequences (prompts x n) but key {key.name!r} "
-                               f"allows {key.max_concurrency} at once; split it", param="n")
-            raise self._reject(key, f"too many concurrent requests: key {key.name!r} allows {key.max_concurrency} "
-                               f"sequences at once ({state.in_flight} running)", 1)
-        if max_sequences_per_key and state.in_flight + sequences > max_sequences_per_key:
-            raise self._reject(key, f"key {key.name!r} already holds {state.in_flight} sequences, its fair share of "
-                               f"this server ({max_sequences_per_key}); retry when some finish", 1)
-        allowed: int | None = None
-        reserve = 0
-        if key.token_quota is not None:
-            remaining = key.token_quota - tokens_used(key.name) - state.reserved
-            if remaining - prompt_tokens <= 0:
-                raise self._reject(key, f"key {key.name!r} has used its token quota of {key.token_quota}; ask for a "
-                                   "larger quota or a new key", 3600, code="insufficient_quota",
-                                   type="insufficient_quota",
-                                   extra={"x-ratelimit-limit-quota-tokens": str(key.token_quota),
-                                          "x-ratelimit-remaining-quota-tokens": str(max(0, remaining))})
-            allowed = remaining - prompt_tokens
-            reserve = prompt_tokens + min(max_tokens, allowed)
-        state.requests.append(now)
-        state.in_flight += sequences
-        state.reserved += reserve
-        return Admission(key, allowed, reserve, sequences=sequences)
+        def decide(window: Window) -> tuple[int, int]:
+            decided[:] = self._decide(key, window, prompt_tokens, max_tokens, sequences)
+            return sequences, decided[1]
+
+        try:
+            admission_id, window = limits_store.admit(key.name, decide, self.lease)
+        except BaseException:
+            self._give_back(key.name, sequences)
+            raise
+        allowed, reserve = decided
+        admission = Admission(key, allowed, reserve, sequences=sequences, admission_id=admission_id)
+        with self._lock:
+            after = replace(window, requests=window.requests + 1, in_flight=window.in_flight + sequences,
+                            reserved=window.reserved + reserve,
+                            oldest_request_age=window.oldest_request_age if window.requests else 0.0)
+            self._seen[key.name] = (time.monotonic(), after)
+            self._live.add(admission_id)
+            self._start_renewer()
+        return admission
+
+    def _decide(self, key: KeyInfo, window: Window, prompt_tokens: int, max_tokens: int,
+                sequences: int) -> tuple[int | None, int]:
+        """(completion tokens the quota still allows or None, tokens to reserve), or a 429 APIError."""
+        if key.rpm and window.requests >= key.rpm:
+            raise self._reject(key, window, f"rate limit reached: {key.rpm} requests per minute for key {key.name!r}",
+                               WINDOW_SECONDS - (window.oldest_request_age or 0.0))
+        if key.tpm and window.tokens + prompt_tokens > key.tpm:
+            age = window.oldest_tokens_age
+            raise self._reject(key, window, f"rate limit reached: {key.tpm} tokens per minute for key {key.name!r}",
+                               WINDOW_SECONDS - age if age is not None else WINDOW_SECONDS)
+        if key.max_concurrency and window.in_flight + sequences > key.max_concurrency:
+            raise self._reject(key, window, f"too many concurrent requests: key {key.name!r} allows "
+                               f"{key.max_concurrency} sequences at once ({window.in_flight} running)", 1)
+        if key.token_quota is None:
+            return None, 0
+        remaining = key.token_quota - window.used_tokens - window.reserved
+        if remaining - prompt_tokens <= 0:
+            raise self._reject(key, window, f"key {key.name!r} has used its token quota of {key.token_quota}; ask for "
+                               "a larger quota or a new key", 3600, code="insufficient_quota",
+                               type="insufficient_quota",
+                               extra={"x-ratelimit-limit-quota-tokens": str(key.token_quota),
+                                      "x-ratelimit-remaining-quota-tokens": str(max(0, remaining))})
+        allowed = remaining - prompt_tokens
+        return allowed, prompt_tokens + min(max_tokens, allowed)
+
+    def _give_back(self, key_name: str, sequences: int) -> None:
+        with self._lock:
+            self._local[key_name] = self._local.get(key_name, 0) - sequences
+            if self._local[key_name] <= 0:
+                del self._local[key_name]
 
     def release(self, admission: Admission, total_tokens: int) -> None:
+        """Free the request's reservation and count its tokens in the tpm window. Blocking (database); a failure is
+        logged, not raised: the reservation then lapses with its lease."""
         if admission.key is None or admission.released:
             return
         admission.released = True
+        self._give_back(admission.key.name, admission.sequences)
         with self._lock:
-            state = self._state(admission.key.name)
-            state.in_flight -= admission.sequences
-            state.reserved -= admission.reserved
-            if total_tokens:
-                state.tokens.append((time.monotonic(), total_tokens))
+            self._live.discard(admission.admission_id)
+            seen = self._seen.get(admission.key.name)
+            if seen is not None:
+                at, window = seen
+                self._seen[admission.key.name] = (at, replace(
+                    window, in_flight=max(0, window.in_flight - admission.sequences),
+                    reserved=max(0, window.reserved - admission.reserved), tokens=window.tokens + total_tokens))
+        try:
+            limits_store.release(admission.admission_id, admission.key.name, total_tokens)
+        except Exception:
+            log.exception("could not release admission %s of key %r; it lapses in %.0f s", admission.admission_id,
+                          admission.key.name, self.lease)
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(target=self._renew_forever, name="llmasos-lease-renewer", daemon=True)
+            self._renewer.start()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.lease / 3)
+            with self._lock:
+                live = sorted(self._live)
+            try:
+                limits_store.renew(live, self.lease)
+            except Exception:
+                log.exception("could not renew the leases of %d running requests", len(live))

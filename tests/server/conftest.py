@@ -55,13 +55,28 @@ def reference(checkpoint):
     return LLM.load(checkpoint, dtype="float32")
 
 
+def pytest_generate_tests(metafunc):
+    """A module that sets DATABASES = ("sqlite", "postgresql") runs each of its tests that use `home` on each."""
+    databases = getattr(metafunc.module, "DATABASES", None)
+    if databases and "home" in metafunc.fixturenames:
+        metafunc.parametrize("home", databases, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Iterator[Path]:
-    """LLMASOS_HOME for the whole module, since a module's server reads the database of the current home."""
+def home(request, tmp_path_factory) -> Iterator[Path]:
+    """LLMASOS_HOME for the whole module, since a module's server reads the database of the current home: a SQLite
+    file in it, or (param "postgresql") a fresh database on the session's PostgreSQL server, upgraded to head."""
+    database = getattr(request, "param", "sqlite")
     path = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LLMASOS_HOME", str(path))
         patch.delenv("LLMASOS_DATABASE_URL", raising=False)
+        if database == "postgresql":
+            from llmasos.db import upgrade
+
+            url = request.getfixturevalue("postgres").create_database()
+            upgrade(url)
+            patch.setenv("LLMASOS_DATABASE_URL", url)
         yield path
 
 
@@ -102,9 +117,9 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def create_key(name: str, *options: str) -> str:
-    """A key made by `llmasos keys create --json`, which prints {"name", "key"}."""
+    """A key made by `llmasos keys create --json`, which prints {"name", "key", "admin"}."""
     printed = json.loads(cli("keys", "create", "--name", name, "--json", *options).stdout)
-    assert set(printed) == {"name", "key"} and printed["name"] == name
+    assert set(printed) == {"name", "key", "admin"} and printed["name"] == name
     return printed["key"]
 
 

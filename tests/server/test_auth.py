@@ -17,6 +17,8 @@ from conftest import MODEL, assert_error, cli, create_key, openai_client, start_
 
 from llmasos.server import auth
 
+DATABASES = ("sqlite", "postgresql")  # every test using `home` runs on both (see conftest.py)
+
 
 @pytest.fixture(scope="module")
 def keyed(home, checkpoint):

@@ -1,0 +1,63 @@
+"""No database statement runs on the event loop: a listener on the engine records every statement executed on a
+thread that is running an asyncio loop, while a keyed server (with limits on the key) answers completions (streamed
+and not), chat, embeddings, /v1/models, /v1/usage, refused requests and 429s, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from conftest import MODEL, start_service
+from encoders_support import minilm_dir
+from sqlalchemy import event
+
+from llmasos.db import get_engine
+from llmasos.server import auth
+
+DATABASES = ("sqlite", "postgresql")
+ENCODER = "minilm"
+
+
+@pytest.fixture(scope="module")
+def watched(home, checkpoint):
+    """A server with keys, and the statements the database saw on an event-loop thread."""
+    secret = auth.create_key("watched", rpm=1000, tpm=10**6, token_quota=10**6, max_concurrency=8)
+    limited = auth.create_key("limited", rpm=1)
+    on_loop: list[str] = []
+
+    def check(_connection, _cursor, statement, *_args) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a worker thread: fine
+        on_loop.append(f"{threading.current_thread().name}: {statement[:120]}")
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", check)
+    service = start_service({MODEL: checkpoint, ENCODER: minilm_dir()})
+    yield service, secret, limited, on_loop
+    service.stop()
+    event.remove(engine, "before_cursor_execute", check)
+
+
+def test_no_database_call_runs_on_the_event_loop(watched):
+    service, secret, limited, on_loop = watched
+    headers = {"Authorization": f"Bearer {secret}"}
+    with httpx.Client(base_url=service.base_url, headers=headers, timeout=60) as client:
+        assert client.get("/v1/models").status_code == 200
+        body = {"model": MODEL, "prompt": "to be", "max_tokens": 3}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200 and list(response.iter_lines())
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        assert client.post("/v1/embeddings", json={"model": ENCODER, "input": "to be"}).status_code == 200
+        assert client.get("/v1/usage").status_code == 200
+        assert client.post("/v1/completions", json={"model": MODEL}).status_code == 400
+        assert client.get("/v1/models", headers={"Authorization": "Bearer sk-llmasos-" + "x" * 43}).status_code == 401
+        limited_headers = {"Authorization": f"Bearer {limited}"}
+        assert client.post("/v1/completions", json=body, headers=limited_headers).status_code == 200
+        assert client.post("/v1/completions", json=body, headers=limited_headers).status_code == 429
+    assert on_loop == []
