@@ -4,7 +4,6 @@ driven by Selenium, whose JavaScript console is read after every page."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from llmasos.server.auth import create_key
-from llmasos.server.console import session as console_session
 from llmasos.server.lifecycle import ModelManager
 from llmasos.server.serving import Service, free_port, load_served_model
 from llmasos.server.state import ServerSettings
@@ -27,28 +25,11 @@ from llmasos.server.state import ServerSettings
 BUNDLED = "shakespeare:tiny"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_DIR = os.environ.get("LLMASOS_CONSOLE_SCREENSHOTS")  # e.g. docs/console: where the screenshots go
-_ADMIN_NAMES: set[str] = set()
 PAGES = ("/", "/keys", "/usage", "/models", "/server", "/runs", f"/models/{BUNDLED}")
 
 
 def make_admin_key(name: str) -> str:
-    """An admin key. Until `api_keys.admin` exists in this checkout, the console's one admin check is widened to the
-    names made here (the only stand-in in these tests; it goes when `create_key(admin=True)` exists)."""
-    if "admin" in inspect.signature(create_key).parameters:
-        return create_key(name, admin=True)
-    _ADMIN_NAMES.add(name)
-    return create_key(name)
-
-
-@pytest.fixture(scope="module")
-def admin_check():
-    if "admin" in inspect.signature(create_key).parameters:
-        yield
-        return
-    original = console_session.is_admin
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(console_session, "is_admin", lambda key: original(key) or key.name in _ADMIN_NAMES)
-        yield
+    return create_key(name, admin=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +43,7 @@ def console_server(home) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="module")
-def admin_key(console_server, admin_check) -> str:
+def admin_key(console_server) -> str:
     return make_admin_key("console-admin")
 
 

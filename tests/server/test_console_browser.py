@@ -15,8 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 pytestmark = pytest.mark.slow
-admin_check, admin_key, browser, console_server = support.admin_check, support.admin_key, support.browser, \
-    support.console_server  # the fixtures
+admin_key, browser, console_server = support.admin_key, support.browser, support.console_server  # the fixtures
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from llmasos.db import session
 from llmasos.server.auth import UsageRecord, create_key
 
 pytestmark = pytest.mark.slow
-admin_check, admin_key, browser, console_server = support.admin_check, support.admin_key, support.browser, \
-    support.console_server  # the fixtures
+admin_key, browser, console_server = support.admin_key, support.browser, support.console_server  # the fixtures
 NUM_ROWS, NUM_KEYS, MODELS = 10_000, 50, (BUNDLED, "qwen2.5:0.5b", "llama3.2:1b", "tiny", "mine")
 BUDGET_SECONDS = 0.3
 

@@ -19,8 +19,7 @@ from llmasos.db import session
 from llmasos.server.auth import UsageRecord, create_key
 
 pytestmark = pytest.mark.slow
-admin_check, admin_key, browser, console_server = support.admin_check, support.admin_key, support.browser, \
-    support.console_server  # the fixtures
+admin_key, browser, console_server = support.admin_key, support.browser, support.console_server  # the fixtures
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from selenium.webdriver.common.by import By
 from llmasos.server.auth import create_key, record_usage, revoke_key
 
 pytestmark = pytest.mark.slow
-admin_check, admin_key, browser, console_server = support.admin_check, support.admin_key, support.browser, \
-    support.console_server  # the fixtures
+admin_key, browser, console_server = support.admin_key, support.browser, support.console_server  # the fixtures
 PAYLOADS = ('<script>window.__xss = 1</script>', '"><img src=x onerror="window.__xss=1">',
             "' onmouseover='window.__xss=1' x='")
 
@@ -83,7 +82,21 @@ def test_state_changes_without_the_csrf_token_are_refused(console_server, admin_
     assert form.status_code == 415  # the browser guard: bodies are JSON, so no cross-site form can post one
 
 
-def test_a_session_ends_when_its_key_is_revoked(console_server, admin_check):
+def test_an_admin_key_made_in_the_console_opens_it_and_a_plain_one_does_not(console_server, admin_key):
+    client, token = logged_in_client(console_server, admin_key)
+    made = {}
+    for name, admin in (("made-admin", True), ("made-user", False)):
+        response = client.post("/console/api/keys", json={"name": name, "admin": admin},
+                               headers={"x-csrf-token": token})
+        assert response.status_code == 200, response.text
+        made[name] = response.json()["key"]
+    assert httpx.post(console_server.base_url + "/console/login", json={"key": made["made-admin"]}).status_code == 200
+    assert httpx.post(console_server.base_url + "/console/login", json={"key": made["made-user"]}).status_code == 403
+    page = client.get("/keys").text
+    assert re.search(r'data-key="made-admin".*?<td class="status">admin</td>', page, re.S)
+
+
+def test_a_session_ends_when_its_key_is_revoked(console_server):
     key = make_admin_key("short-lived-admin")
     client, _token = logged_in_client(console_server, key)
     assert client.get("/keys").status_code == 200
