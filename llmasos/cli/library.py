@@ -153,13 +153,21 @@ def show(name: str, as_json: bool, modelfile: bool) -> None:
 
 @click.command()
 @click.argument("names", nargs=-1, required=True)
-def rm(names: tuple[str, ...]) -> None:
-    """Remove models from the library (files shared with other models stay)."""
+@click.option("--force", is_flag=True, help="Remove even a model that a running server holds.")
+def rm(names: tuple[str, ...], force: bool) -> None:
+    """Remove models from the library (files shared with other models stay). A model that a running server of this
+    home holds is refused (stop it there first: `llmasos stop NAME`) unless --force."""
     from llmasos.library.manage import human_size, remove_model
     from llmasos.library.names import check_name
+    from llmasos.server.registry import servers_holding
 
     for name in names:
         check_name(name)
+        holders = [] if force else servers_holding(name)
+        if holders:
+            where = ", ".join(f"{entry['url']} (pid {entry['pid']})" for entry in holders)
+            raise click.ClickException(f"{name!r} is loaded by the running server at {where}: unload it there "
+                                       f"first (`llmasos stop {name}`), or pass --force")
     for name in names:
         freed = remove_model(name)
         click.echo(f"removed {name}" + (f" (freed {human_size(freed)})" if freed else ""))

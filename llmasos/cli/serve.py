@@ -34,7 +34,8 @@ def _keep_alive(_ctx, _param, value: str) -> float:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--served-model-name", default=None, help="Model id clients use (one model only).")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
 @click.option("--kv-cache-memory", default=None, help="KV cache budget per model, e.g. 2GiB.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=int)
 @click.option("--quantization", type=click.Choice(["int8", "int4", "w8a8"]), default=None,

@@ -75,6 +75,11 @@ def import_directory(source: str | Path, name: str, *, link: bool = False, sourc
     if get_model(name) is not None:
         raise LibraryError(f"a model named {name!r} already exists: remove it first (`llmasos rm {name}`) or choose "
                            "another name with --name")
+    if not link:  # before a byte is copied: a full disk is named with the sizes, not found halfway
+        from llmasos.files import check_free_space
+
+        needed = sum((source_dir / relative).stat().st_size for relative in info.files)
+        check_free_space(store.root(), needed, f"importing {name!r}")
     linked_any = False
     with store.staging(name) as staged:
         hashes: dict[str, str] = {}

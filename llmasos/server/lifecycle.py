@@ -112,6 +112,27 @@ class ModelManager:
                                          loaded_at=time.time())
         self._reaper: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        # Told the library names of the loaded models after every load and unload (the server registry, which
+        # `llmasos rm` reads). Called in a worker thread.
+        self.on_change: Callable[[list[str]], None] | None = None
+
+    def library_names(self) -> list[str]:
+        """The library models loaded or loading now (under their library names, whatever they are served as)."""
+        names = set()
+        for slot in self._slots.values():
+            spec = slot.served.spec if slot.served is not None else None
+            if spec is not None and spec.library:
+                names.add(spec.name)
+            elif slot.state == "loading" and isinstance(slot.source, str):
+                names.add(slot.source)
+        return sorted(names)
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                await run_in_threadpool(self.on_change, self.library_names())
+            except OSError as exc:  # the registry is advisory: a failed write must not fail a load
+                log.warning("could not update the server registry: %s", exc)
 
     # --- what is loaded -------------------------------------------------------------------------------------------
 
@@ -232,6 +253,7 @@ class ModelManager:
             slot.last_used, slot.expires = time.monotonic(), None
             log.info("loaded %s in %.1f s", slot.id, time.monotonic() - started)
             self._ensure_reaper()
+            await self._changed()
         except BaseException:
             if slot.state == "loading":
                 slot.state = "unloaded"
@@ -275,6 +297,7 @@ class ModelManager:
                 log.info("unloaded %s", slot.id)
             finally:
                 slot.state, slot.busy, slot.loaded_at = "unloaded", None, None
+            await self._changed()
 
         slot.busy = asyncio.ensure_future(unload())
         await asyncio.shield(slot.busy)

@@ -20,14 +20,13 @@ from llmasos.engine.validation import (
 )
 from llmasos.errors import TemplateError
 from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
-from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
 from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
-from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, \
-    StructuredFields
+from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, StructuredFields
 from llmasos.server.state import ServedModel, ServerState
 from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream, cancel_on_disconnect, sse
+from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
 
 # Arguments of apply_chat_template that the request sets through its own fields, never through chat_template_kwargs.
 _RESERVED_TEMPLATE_ARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template", "special_tokens",
