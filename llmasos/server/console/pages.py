@@ -193,5 +193,6 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
             raise APIError(404, f"no run named {name!r} under {root}", type="not_found_error")
         arguments = await run_in_threadpool(queries.run_arguments, directory)
         checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if p.is_dir())
+        outputs = [str(directory / part) for part in ("final", "adapter") if (directory / part).is_dir()]
         return await page(request, "run.html", title=name, name=name, directory=str(directory),
-                          arguments=arguments, checkpoints=checkpoints)
+                          arguments=arguments, checkpoints=checkpoints, outputs=outputs)

@@ -16,6 +16,9 @@ from llmasos.server.auth import UsageRecord
 
 MAX_RUNS = 200
 MAX_METRIC_POINTS = 2000
+# What a finished run leaves: `llmasos train` writes final/ (and adapter/ for LoRA); LLMTrainer.save_pretrained into
+# the output directory itself leaves config.json or adapter_config.json there.
+FINISHED_MARKERS = ("final/config.json", "adapter/adapter_config.json", "config.json", "adapter_config.json")
 
 
 def date_range(start: str | None, end: str | None, default_days: int = 30) -> tuple[dt.date, dt.date]:
@@ -117,7 +120,7 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
         records = read_metrics(metrics, last_only=True)
         last = records[-1] if records else {}
         checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if p.is_dir())
-        finished = (directory / "config.json").is_file() or (directory / "adapter_config.json").is_file()
+        finished = any((directory / name).is_file() for name in FINISHED_MARKERS)
         found.append({"name": directory.relative_to(root).as_posix(), "modified": metrics.stat().st_mtime,
                       "step": last.get("step"), "loss": last.get("loss"), "checkpoints": checkpoints,
                       "finished": finished})
