@@ -79,3 +79,16 @@ def test_runs_are_found_and_names_never_leave_the_directory(tmp_path):
     assert queries.resolve_run(root, "group/b") == (root / "group" / "b").resolve()
     for name in ("../outside", "/etc", "a/../../outside", "", "."):
         assert queries.resolve_run(root, name) is None, name
+
+
+def test_evaluation_reports_are_found(tmp_path):
+    root = tmp_path / "runs"
+    (root / "evals").mkdir(parents=True)
+    report = {"task": "perplexity", "name": "tiny_text", "model": "shakespeare:tiny", "num_examples": 4,
+              "metrics": {"perplexity": 12.5, "note": "text"}, "started_at": "2026-03-10T12:00:00"}
+    (root / "evals" / "ppl.json").write_text(json.dumps(report))
+    (root / "evals" / "other.json").write_text(json.dumps({"step": 1}))  # not a report
+    (root / "evals" / "broken.json").write_text("{")
+    found = queries.find_evaluations(root)
+    assert [(r["file"], r["task"], r["metrics"]) for r in found] == [("evals/ppl.json", "perplexity",
+                                                                       {"perplexity": 12.5})]

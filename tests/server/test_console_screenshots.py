@@ -46,6 +46,10 @@ def history(console_server, tmp_path_factory):
             handle.write(json.dumps({"step": step, "loss": 3.2 * 0.993 ** step + rng.random() * 0.08}) + "\n")
             if step % 25 == 0:
                 handle.write(json.dumps({"step": step, "eval_loss": 3.3 * 0.994 ** step}) + "\n")
+    (runs / "evals").mkdir()
+    (runs / "evals" / "perplexity.json").write_text(json.dumps({
+        "task": "perplexity", "name": "tiny_text", "model": BUNDLED, "num_examples": 64,
+        "metrics": {"perplexity": 9.87, "loss": 2.29}, "started_at": "2026-11-28T10:00:00"}))
     return runs
 
 

@@ -4,6 +4,7 @@ inline scripts, and user-supplied text (key names, model names, chat content, ru
 
 from __future__ import annotations
 
+import json
 import re
 
 import console_support as support
@@ -119,6 +120,8 @@ def test_payloads_in_names_and_chat_render_as_text(console_server, browser, admi
         directory = runs / (payload.replace("/", "_") + str(number))
         directory.mkdir(parents=True)
         (directory / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n')
+    (runs / "report.json").write_text(json.dumps({"task": PAYLOADS[0], "name": PAYLOADS[2], "model": PAYLOADS[1],
+                                                  "metrics": {PAYLOADS[0]: 1.0}}))
     log_in(browser, console_server, admin_key)
 
     browser.get(console_server.base_url + "/usage")
@@ -131,6 +134,7 @@ def test_payloads_in_names_and_chat_render_as_text(console_server, browser, admi
     table = find(browser, "#runs-table").text
     for number, payload in enumerate(PAYLOADS):
         assert payload.replace("/", "_") + str(number) in table
+        assert payload in browser.find_element(By.ID, "evals-table").text
     _no_script_ran(browser)
     browser.find_elements(By.CSS_SELECTOR, "#runs-table a")[0].click()
     wait(browser).until(lambda d: d.find_element(By.ID, "run-chart").get_attribute("data-points") == "2")

@@ -172,6 +172,7 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
     async def runs_page(request: Request):
         root = queries.runs_directory()
         runs = await run_in_threadpool(queries.find_runs, root)
+        evaluations = await run_in_threadpool(queries.find_evaluations, root)
         launched = request.app.state.console_launcher.runs
         names = {run["name"] for run in runs}
         for name in launched:  # started here, no step logged yet
@@ -183,7 +184,8 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
         from llmasos.library.registry import list_models
 
         models = [row.name for row in await run_in_threadpool(list_models) if allowed(request, row.name)]
-        return await page(request, "runs.html", title="Runs", runs=runs, root=str(root), models=models)
+        return await page(request, "runs.html", title="Runs", runs=runs, root=str(root), models=models,
+                          evaluations=evaluations)
 
     @router.get("/runs/{name:path}")
     async def run_page(request: Request, name: str):

@@ -127,6 +127,29 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
     return sorted(found, key=lambda run: -run["modified"])
 
 
+def find_evaluations(root: Path) -> list[dict[str, Any]]:
+    """Reports of `llmasos eval ... --output FILE.json` saved up to two levels under `root`, newest first: the JSON
+    objects with task, model and metrics."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in [*root.glob("*.json"), *root.glob("*/*.json"), *root.glob("*/*/*.json")][:MAX_RUNS]:
+        try:
+            if path.stat().st_size > 1 << 20:
+                continue
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and {"task", "model", "metrics"} <= report.keys() \
+                and isinstance(report["metrics"], dict):
+            metrics = {k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
+            found.append({"file": path.relative_to(root).as_posix(), "task": report["task"],
+                          "name": report.get("name"), "model": report["model"],
+                          "num_examples": report.get("num_examples"), "metrics": metrics,
+                          "started_at": report.get("started_at"), "modified": path.stat().st_mtime})
+    return sorted(found, key=lambda report: -report["modified"])
+
+
 def resolve_run(root: Path, name: str) -> Path | None:
     """The run directory `name` names inside `root`, or None (also for anything that leaves `root`). A directory
     without metrics.jsonl yet counts: a run just started writes it once its first step is logged."""
