@@ -261,6 +261,44 @@ def test_a_run_refuses_bad_data_and_names(console_server, admin_key, tmp_path, m
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_pull_a_model_with_live_progress(logged_in, console_server, checkpoint, tmp_path, monkeypatch):
+    from library.hub_server import HubStandIn
+
+    browser = logged_in
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add_repo("test-org/tiny-model", checkpoint)
+        browser.get(console_server.base_url + "/models")
+        find(browser, "#pull-spec").send_keys("test-org/tiny-model")
+        browser.find_element(By.ID, "pull-name").send_keys("pulled-tiny")
+        browser.find_element(By.ID, "pull-start").click()
+        state = "const bar = document.getElementById('pull-progress'); " \
+                "return bar ? [bar.dataset.status || '', bar.value, bar.max] : ['reloaded', 0, 0]"
+        wait(browser, 120).until(lambda d: d.execute_script(state)[0] in ("done", "failed", "reloaded"))
+        status, value, maximum = browser.execute_script(state)
+        size = (checkpoint / "model.safetensors").stat().st_size
+        if status != "reloaded":  # caught before the page reloads: the bar is full
+            assert status == "done" and value == maximum >= size, browser.find_element(By.ID, "pull-message").text
+        removed = 'button.model-remove[data-name="pulled-tiny"]'
+        wait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, removed))
+    from llmasos.library.registry import get_model
+
+    assert get_model("pulled-tiny").size_bytes >= size
+    assert console_errors(browser) == []
+
+
+def test_a_bad_pull_is_named(logged_in, console_server):
+    browser = logged_in
+    browser.get(console_server.base_url + "/models")
+    find(browser, "#pull-spec").send_keys("a/b/c")
+    browser.find_element(By.ID, "pull-start").click()
+    wait(browser).until(lambda d: d.find_element(By.ID, "models-error").text)
+    assert "not a Hub repo id" in browser.find_element(By.ID, "models-error").text
+    assert console_errors(browser, refusals_expected=True) == []
+
+
 def test_copy_a_library_model_then_remove_the_copy(logged_in, console_server):
     browser = logged_in
     browser.get(console_server.base_url + "/models")

@@ -50,6 +50,11 @@ class NewRun(BaseModel):
     learning_rate: float | None = Field(default=None, gt=0, le=1)
 
 
+class PullRequest(BaseModel):
+    spec: str = Field(min_length=1, max_length=300)
+    name: str | None = Field(default=None, max_length=256)
+
+
 class ModelCopy(BaseModel):
     source: str = Field(min_length=1, max_length=256)
     target: str = Field(min_length=1, max_length=256)
@@ -145,6 +150,26 @@ def add_api(router: APIRouter, state: ServerState) -> None:
         except LibraryError as exc:
             raise APIError(400, str(exc), param="target") from None
         return {"source": body.source, "target": body.target}
+
+    @router.post("/console/api/models/pull")
+    async def start_pull(request: Request):
+        """Pull a catalog model or Hub repo in a worker thread; the page polls /console/api/pulls/ID."""
+        from llmasos.errors import LibraryError
+
+        body: PullRequest = await parse_body(request, PullRequest)
+        try:
+            job = await run_in_threadpool(request.app.state.console_pulls.start, body.spec.strip(),
+                                          (body.name or "").strip() or None)
+        except (LibraryError, ValueError) as exc:
+            raise APIError(400, str(exc), param="spec") from None
+        return job.to_dict()
+
+    @router.get("/console/api/pulls/{job_id}")
+    async def pull_status(request: Request, job_id: str):
+        job = request.app.state.console_pulls.jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"no pull {job_id!r} on this server", type="not_found_error")
+        return job.to_dict()
 
     @router.get("/console/api/stats")
     async def stats(request: Request):

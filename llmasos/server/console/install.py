@@ -22,8 +22,10 @@ def install_console(app: FastAPI, state: ServerState) -> None:
     app.include_router(router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
     from llmasos.server.console.launcher import Launcher
+    from llmasos.server.console.pulls import Pulls
 
     app.state.console_launcher = Launcher()
+    app.state.console_pulls = Pulls()
     app.router.on_shutdown.append(app.state.console_launcher.close)  # runs started here stop with the server
     sessions = Sessions()
     app.state.console_sessions = sessions
