@@ -54,6 +54,9 @@ def test_the_session_cookie_is_httponly_strict_and_the_pages_have_a_strict_csp(c
     response = httpx.post(console_server.base_url + "/console/login", json={"key": admin_key})
     cookie = response.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    behind_tls = httpx.post(console_server.base_url + "/console/login", json={"key": admin_key},
+                            headers={"x-forwarded-proto": "https"})  # a TLS proxy on this host (uvicorn trusts it)
+    assert behind_tls.headers["set-cookie"].endswith("; Secure") and "Secure" not in cookie
     client, _token = logged_in_client(console_server, admin_key)
     for path in PAGES:
         page = client.get(path)

@@ -90,7 +90,8 @@ def add_api(router: APIRouter, state: ServerState) -> None:
             raise APIError(403, f"key {key.name!r} is not an admin key: the console needs one (`llmasos keys create "
                            "--admin --name NAME`)", type="permission_error", code="not_admin")
         cookie = request.app.state.console_sessions.create(key)
-        return JSONResponse({"ok": True, "key": key.name}, headers={"set-cookie": cookie_header(cookie)})
+        return JSONResponse({"ok": True, "key": key.name},
+                            headers={"set-cookie": cookie_header(cookie, secure=request.url.scheme == "https")})
 
     @router.post("/console/logout")
     async def logout(request: Request):

@@ -49,5 +49,5 @@ async def page(request: Request, template_name: str, /, **context: Any) -> HTMLR
     html = await run_in_threadpool(_render, template_name, context)
     response = HTMLResponse(html, headers=SECURITY_HEADERS)
     if new_cookie := scope_state.get("console_new_cookie"):
-        response.headers["set-cookie"] = cookie_header(new_cookie)
+        response.headers["set-cookie"] = cookie_header(new_cookie, secure=request.url.scheme == "https")
     return response

@@ -163,6 +163,7 @@ class ConsoleMiddleware:
         return await JSONResponse(error.body(), status_code=401)(scope, receive, send)
 
 
-def cookie_header(value: str, max_age: int = SESSION_SECONDS) -> str:
-    """Set-Cookie for a session: HttpOnly (no script reads it), SameSite=Strict (no other site sends it)."""
-    return f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+def cookie_header(value: str, max_age: int = SESSION_SECONDS, secure: bool = False) -> str:
+    """Set-Cookie for a session: HttpOnly (no script reads it), SameSite=Strict (no other site sends it), and Secure
+    when the console was reached over HTTPS (plain HTTP on loopback must still work)."""
+    return f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}" + ("; Secure" if secure else "")
