@@ -203,7 +203,8 @@ def authenticate(state: ServerState, authorization: str) -> KeyInfo | None:
 class AuthMiddleware:
     """Default deny: once a key exists, every request but GET /health needs a valid key, decided before routing, so
     that no spelling of a path ('//v1/models', '/V1/MODELS', '%2f', '..') and no route added later answers without
-    one. The key is left in the request's state for the routes."""
+    one. The key is left in the request's state for the routes. The web console's ConsoleMiddleware, just outside,
+    decides its login page, static files and session requests (marked `console_open`) itself."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app, self.state = app, state

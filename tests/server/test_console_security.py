@@ -50,6 +50,30 @@ def test_a_non_admin_key_cannot_open_the_console(console_server, browser, admin_
     console_errors(browser)  # the 403 of the refused login is logged by the browser as a failed load
 
 
+def _raw_get(service, path: str) -> tuple[int, bytes]:
+    """GET a path exactly as written (HTTP clients would normalize '..' away)."""
+    import socket
+
+    host, port = service.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_the_open_static_prefix_reaches_nothing_else(console_server, admin_key):
+    for path in ("/console/static/../../v1/models", "/console/static/%2e%2e/%2e%2e/v1/models",
+                 "/console/static/../templates/base.html", "/console/static/../session.py",
+                 "/console/static/..%2f..%2fv1%2fmodels", "/console/static/"):
+        status, body = _raw_get(console_server, path)
+        assert status in (400, 401, 404, 405), (path, status)
+        assert b"shakespeare" not in body and b"import" not in body and b"{%" not in body, path
+    assert _raw_get(console_server, "/console/static/console.js")[0] == 200
+
+
 def test_the_session_cookie_is_httponly_strict_and_the_pages_have_a_strict_csp(console_server, admin_key):
     response = httpx.post(console_server.base_url + "/console/login", json={"key": admin_key})
     cookie = response.headers["set-cookie"]
