@@ -36,16 +36,19 @@ class LLM:
     def load(cls, model: str | Path | ModelSpec, dtype: str | torch.dtype | None = None,
              device: str | torch.device | None = None, *, quantization: str | None = None,
              quantization_group_size: int | None = None, engine_process: bool = False,
-             **engine_options: Any) -> LLM:
+             lora_adapters: dict[str, str | Path] | None = None, **engine_options: Any) -> LLM:
         """Load a library model by name (`llmasos list`), a Hugging Face checkpoint directory (config.json,
         safetensors, tokenizer.json) or a ModelSpec. A library model's adapter, chat template, system prompt and
         default parameters apply. `quantization` ("int8" or "int4") quantizes the weights at load.
         `engine_options` are EngineOptions fields (num_kv_blocks, kv_cache_memory, max_num_seqs, ...). device
         None or "auto" is a CUDA GPU when there is one, else the CPU; dtype "auto" keeps a bf16/fp16 checkpoint's dtype
         and runs a float32 one in bfloat16 where the device supports it (llmasos.models.loader.resolve_dtype). For a
-        spec, None keeps its own."""
+        spec, None keeps its own. `lora_adapters` ({name: PEFT adapter directory}) are served unmerged on this base:
+        a request picks one with `generate(..., lora=name)` or SamplingParams(lora=name) (see docs/lora.md)."""
         spec = resolve_spec(model, dtype=dtype, device=device, quantization=quantization,
                             quantization_group_size=quantization_group_size, **engine_options)
+        if lora_adapters:
+            spec = spec.replace(lora_adapters={**spec.lora_adapters, **{k: str(v) for k, v in lora_adapters.items()}})
         return cls.from_spec(spec, engine_process=engine_process)
 
     @classmethod
@@ -111,9 +114,24 @@ class LLM:
         """SamplingParams from the model's defaults (ModelSpec.sampling_params), then `overrides`."""
         return self.spec.sampling_params(**overrides)
 
+    # -- LoRA adapters -----------------------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Serve the PEFT adapter directory `path` as `name` from now on (LoRAError, a ValueError, if unusable)."""
+        self.engine.load_lora(name, str(path))
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving `name`: new requests for it are refused at once, requests in flight finish first."""
+        self.engine.unload_lora(name)
+
+    def list_loras(self) -> dict[str, str]:
+        """Adapters served on this base: name -> directory."""
+        return self.engine.list_loras()
+
     def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or a list of token ids); all prompts run together in one batch."""
+                 sampling: SamplingParams | list[SamplingParams] | None = None, *,
+                 lora: str | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids); all prompts run together in one batch. `lora`
+        names a loaded LoRA adapter for every prompt (else each SamplingParams' own `lora`, None: the base)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -123,6 +141,10 @@ class LLM:
             params_list = sampling
         else:
             params_list = [sampling or self.default_sampling()] * len(prompts)
+        if lora is not None:
+            import dataclasses
+
+            params_list = [dataclasses.replace(params, lora=lora) for params in params_list]
         with self.engine.lock:
             ids = []
             try:

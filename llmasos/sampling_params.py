@@ -110,6 +110,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None  # score the prompt: logprob of each prompt token (+ this many alternatives)
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None  # JSON schema, regex, choice, grammar
+    lora: str | None = None  # the name of a loaded LoRA adapter to generate with; None: the base model
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -166,6 +167,8 @@ class SamplingParams:
                 bias[token] = float(value)
             self.logit_bias = bias
         self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
+        check(self.lora is None or (isinstance(self.lora, str) and self.lora != ""),
+              f"lora must be the name of a loaded LoRA adapter (a non-empty string) or None, got {self.lora!r}")
 
     @property
     def greedy(self) -> bool:

@@ -44,6 +44,9 @@ class EngineOptions:
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     num_threads: int | None = None  # torch threads of the engine; None: chosen from the idle cores (llmasos.threads)
     pack_weights: bool = True  # bf16 on CPU: pre-pack linear weights for oneDNN (llmasos.models.packed_linear)
+    max_loras: int = 8  # LoRA adapters resident on the device at once (distinct adapters in one batch)
+    max_cpu_loras: int | None = None  # adapters kept read in CPU memory (LRU); None: max(32, max_loras)
+    max_lora_rank: int = 256  # adapters of a larger rank are refused at load (1..256)
 
     def __post_init__(self) -> None:
         from llmasos.engine.kv_cache import parse_bytes
@@ -55,9 +58,11 @@ class EngineOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             positive(name)
-        for name in ("num_kv_blocks", "max_model_len", "num_threads"):
+        if self.max_lora_rank > 256:
+            raise ValueError(f"max_lora_rank must be from 1 to 256, got {self.max_lora_rank!r}")
+        for name in ("num_kv_blocks", "max_model_len", "num_threads", "max_cpu_loras"):
             positive(name, optional=True)
         if self.kv_cache_memory is not None:
             object.__setattr__(self, "kv_cache_memory", parse_bytes(self.kv_cache_memory))
@@ -85,12 +90,14 @@ class ModelSpec:
 
     `parameters` are the Modelfile PARAMETERs (SamplingParams fields); `generation_defaults` the sampling values of
     the checkpoint's generation_config.json; `system` is prepended to conversations without a system message;
-    `template` overrides the chat template; `adapters` are LoRA directories merged at load."""
+    `template` overrides the chat template; `adapters` are LoRA directories merged at load; `lora_adapters` (name ->
+    directory) are LoRA adapters served unmerged, selected per request (SamplingParams.lora)."""
 
     name: str
     path: str
     kind: ModelKind = "decoder"
     adapters: tuple[str, ...] = ()
+    lora_adapters: Any = field(default_factory=dict)
     system: str | None = None
     template: str | None = None
     parameters: Any = field(default_factory=dict)
@@ -118,6 +125,8 @@ class ModelSpec:
             object.__setattr__(self, "engine", EngineOptions(**self.engine))
         object.__setattr__(self, "path", str(self.path))
         object.__setattr__(self, "adapters", tuple(str(a) for a in self.adapters))
+        loras = {str(name): str(path) for name, path in dict(self.lora_adapters).items()}
+        object.__setattr__(self, "lora_adapters", _freeze(loras))
         object.__setattr__(self, "parameters", _freeze(dict(self.parameters)))
         object.__setattr__(self, "generation_defaults", _freeze(dict(self.generation_defaults)))
 
@@ -141,6 +150,7 @@ class ModelSpec:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["engine"] = dataclasses.asdict(self.engine)
         data["parameters"] = _thaw(self.parameters)
+        data["lora_adapters"] = _thaw(self.lora_adapters)
         data["generation_defaults"] = _thaw(self.generation_defaults)
         data["adapters"] = list(self.adapters)
         return data

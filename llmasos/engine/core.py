@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from llmasos.engine.kv_cache import KVCacheManager, bytes_per_block, default_kv_memory
+from llmasos.engine.lora import LoRAManager
 from llmasos.engine.model_runner import ModelRunner
 from llmasos.engine.protocol import (
     EngineCoreOutput,
@@ -107,7 +108,9 @@ class EngineCore:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes)")
         self.kv = KVCacheManager(num_blocks, options.block_size, options.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_num_batched_tokens, options.max_loras)
+        self.loras = LoRAManager(model, options.max_loras, options.max_cpu_loras or max(32, options.max_loras),
+                                 options.max_lora_rank, dtype, device)
         # Structured output: grammars compiled here on first use (the tokenizer is only read then).
         # On a CPU one mask thread keeps up (a 32-row step takes ~0.4 ms against a ~300 ms forward) and takes no
         # core from torch; a GPU's short steps want the rows spread over a few threads.
@@ -115,7 +118,7 @@ class EngineCore:
         self.grammars = GrammarCompiler(tokenizer_json, model_config.vocab_size, self.eos_token_ids,
                                         mask_threads=mask_threads)
         self.runner = ModelRunner(model, self.kv, dtype, device, options.enforce_eager, self.max_model_len,
-                                  self.grammars)
+                                  self.grammars, self.loras)
         self.requests: dict[str, Request] = {}
         self._finished_unreported: list[Request] = []  # finished without a step (max_tokens=0, aborted mid-prefill)
         self._arrivals = itertools.count()
@@ -143,7 +146,10 @@ class EngineCore:
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> EngineCore:
         model, eos = load_for_engine(spec)
-        return cls(model, eos, spec.engine, spec.directory / "tokenizer.json")
+        core = cls(model, eos, spec.engine, spec.directory / "tokenizer.json")
+        for name, path in spec.lora_adapters.items():
+            core.load_lora(name, path)
+        return core
 
     def _pack_weights(self) -> None:
         from llmasos.models.packed_linear import pack_linear_layers, packing_supported
@@ -158,8 +164,10 @@ class EngineCore:
                         self.kv.num_blocks, self.kv.block_size)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        lora_id = self.loras.lora_id(params.lora) if params.lora is not None else None  # LoRAError if unknown
         core_request = Request(request.request_id, request.prompt_token_ids, params, self.eos_token_ids,
                                request.index, next(self._arrivals))
+        core_request.lora_id = lora_id
         awaits_grammar = False
         if params.structured_outputs is not None:  # an invalid one raises StructuredOutputError: nothing is queued
             if self.grammars.tokenizer_ready:
@@ -180,6 +188,23 @@ class EngineCore:
         else:
             self.scheduler.add(core_request)
 
+    # -- LoRA adapters (llmasos.engine.lora) --------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at `path` as `name` from now on (read and checked now: LoRAError if unusable)."""
+        self.loras.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """New requests for `name` are refused at once; its requests in flight finish with it first."""
+        self.loras.unload(name)
+        self._collect_loras()
+
+    def list_loras(self) -> dict[str, str]:
+        return self.loras.list()
+
+    def _collect_loras(self) -> None:
+        if self.loras.retiring:
+            self.loras.collect({r.lora_id for r in self.requests.values() if r.lora_id is not None})
+
     def abort(self, request_ids: list[str]) -> None:
         """Stop requests now and free their blocks; unknown ids (already finished) are ignored."""
         for request_id in request_ids:
@@ -192,6 +217,7 @@ class EngineCore:
                 self._awaiting_grammar.remove(request)
             if request.status != RequestStatus.FINISHED:
                 self.scheduler.finish(request)
+        self._collect_loras()
 
     @property
     def has_work(self) -> bool:
@@ -213,6 +239,8 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.scheduled:
             try:
+                if self.loras.names or self.loras.retiring:
+                    self.loras.activate(self.scheduler.running_loras())
                 results = self.runner.execute(out.scheduled)
             except Exception as exc:  # noqa: BLE001 - reported to the front end; the engine goes on
                 failures.append(self._fail_step(out, exc))
@@ -238,6 +266,7 @@ class EngineCore:
         for request in touched.values():
             if request.finished:
                 self.requests.pop(request.request_id, None)
+        self._collect_loras()
         return EngineCoreOutputs(outputs, self.stats(), failures)
 
     def _admit_awaiting_grammar(self, touched: dict[str, Request], failures: list[StepFailure]) -> None:

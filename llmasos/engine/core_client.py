@@ -24,7 +24,9 @@ from llmasos.engine.protocol import (
     EngineFailed,
     EngineInfo,
     EngineStats,
+    LoadLoRA,
     Shutdown,
+    UnloadLoRA,
     input_encoder,
     output_decoder,
 )
@@ -67,6 +69,15 @@ class InprocClient:
     def has_work(self) -> bool:
         return self.core.has_work
 
+    def load_lora(self, name: str, path: str) -> None:
+        self.core.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.core.unload_lora(name)
+
+    def list_loras(self) -> dict[str, str]:
+        return self.core.list_loras()
+
     def get_outputs(self, timeout: float = 0.0) -> EngineCoreOutputs | None:
         return self.core.step() if self.core.has_work else None
 
@@ -98,7 +109,13 @@ class MPClient:
         os.set_blocking(self._wake_read, False)
         self._stats = EngineStats()
         self._closed = False
+        # Adapters the engine serves (name -> path), kept here so a restarted engine process gets them back.
+        self._loras: dict[str, str] = {}
+        self._lora_targets: dict | None = None
         try:
+            for name, path in spec.lora_adapters.items():
+                self._check_lora(name, path)
+                self._loras[name] = str(path)
             self._start()
         except BaseException:
             self._close_wake_pipe()
@@ -129,7 +146,8 @@ class MPClient:
             [sys.executable, "-m", "llmasos.engine.core_process", "--input", f"ipc://{self._directory}/input",
              "--output", f"ipc://{self._directory}/output", "--parent-pid", str(os.getpid())],
             stdin=subprocess.PIPE, env=env)
-        self.process.stdin.write(json.dumps(self.spec.to_dict()).encode() + b"\n")
+        spec = self.spec.replace(lora_adapters=self._loras)
+        self.process.stdin.write(json.dumps(spec.to_dict()).encode() + b"\n")
         self.process.stdin.flush()
         self._last_check = time.monotonic()
         try:
@@ -207,6 +225,41 @@ class MPClient:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(request)
+
+    def _check_lora(self, name: str, path: str) -> None:
+        """Read and check an adapter here against the base's layer shapes (from config.json, on the meta device),
+        so a bad adapter is this caller's LoRAError rather than a log line in the engine process."""
+        from llmasos.engine.lora import LoRAError, checkpoint_targets, read_lora_adapter
+
+        if not isinstance(name, str) or not name:
+            raise LoRAError(f"a LoRA adapter needs a non-empty name, got {name!r}")
+        if name in self._loras and self._loras[name] != str(path):
+            raise LoRAError(f"a LoRA adapter named {name!r} is already loaded (from {self._loras[name]}); unload it "
+                            "first")
+        if self._lora_targets is None:
+            self._lora_targets = checkpoint_targets(self.spec.directory)
+        read_lora_adapter(path, self._lora_targets, self.spec.engine.max_lora_rank, name)
+
+    def load_lora(self, name: str, path: str) -> None:
+        from pathlib import Path
+
+        path = str(Path(path).expanduser())
+        self._check_lora(name, path)
+        if self._loras.get(name) == path:
+            return
+        self._send(LoadLoRA(name, path))
+        self._loras[name] = path
+
+    def unload_lora(self, name: str) -> None:
+        from llmasos.engine.lora import LoRAError
+
+        if name not in self._loras:
+            raise LoRAError(f"no LoRA adapter named {name!r} is loaded (loaded: {', '.join(self._loras) or 'none'})")
+        self._send(UnloadLoRA(name))
+        del self._loras[name]
+
+    def list_loras(self) -> dict[str, str]:
+        return dict(self._loras)
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:

@@ -20,8 +20,10 @@ from llmasos.engine.protocol import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineFailed,
+    LoadLoRA,
     Shutdown,
     StepFailure,
+    UnloadLoRA,
     input_decoder,
     output_encoder,
 )
@@ -93,6 +95,14 @@ def serve(spec: ModelSpec, input_address: str, output_address: str, parent_pid: 
                         failed_outputs.append(EngineCoreOutput(message.request_id, [], finish_reason="abort"))
                 elif isinstance(message, AbortRequests):
                     core.abort(message.request_ids)
+                elif isinstance(message, (LoadLoRA, UnloadLoRA)):
+                    try:  # checked by the front end first: a failure here is a file changed since
+                        if isinstance(message, LoadLoRA):
+                            core.load_lora(message.name, message.path)
+                        else:
+                            core.unload_lora(message.name)
+                    except ValueError as exc:
+                        log.error("%s", exc)
                 elif isinstance(message, Shutdown):
                     outputs.close()
                     context.term()

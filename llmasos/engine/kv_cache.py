@@ -76,20 +76,25 @@ class KVCacheManager:
         hashes, size, tokens = request.block_hashes, self.block_size, request.all_token_ids
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            # A LoRA adapter changes every layer's K and V: its chain starts from its own root, never the base's.
+            parent = hashes[-1] if hashes else (None if request.lora_id is None else ("lora", request.lora_id))
             hashes.append(hash((parent, tuple(tokens[i * size:(i + 1) * size]))))
         return hashes
+
+    def _block_key(self, request: Request, i: int) -> tuple:
+        """What a cache hit is verified against besides the hash: the block's tokens (and the adapter's id)."""
+        tokens = tuple(request.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
+        return tokens if request.lora_id is None else (("lora", request.lora_id), *tokens)
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """Cached blocks matching the request's leading full blocks. The last token is always recomputed, since
         its logits are needed to sample. A request scoring its prompt computes every position itself."""
         if not self.enable_prefix_caching or request.wants_prompt_logprobs:
             return []
-        size = self.block_size
-        max_blocks = (request.num_tokens - 1) // size
+        max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         for i, block_hash in enumerate(self._hashes(request, max_blocks)):
-            block = self.pool.lookup(block_hash, tuple(request.all_token_ids[i * size:(i + 1) * size]))
+            block = self.pool.lookup(block_hash, self._block_key(request, i))
             if block is None:
                 break
             hits.append(block)
@@ -119,11 +124,10 @@ class KVCacheManager:
             return
         num_full = min(num_tokens, request.num_tokens) // self.block_size
         hashes = self._hashes(request, num_full)
-        size = self.block_size
         for i in range(num_full):
             block = request.blocks[i]
             if block.block_hash is None:
-                self.pool.register(block, hashes[i], tuple(request.all_token_ids[i * size:(i + 1) * size]))
+                self.pool.register(block, hashes[i], self._block_key(request, i))
 
     def free(self, request: Request) -> None:
         self.pool.free(list(reversed(request.blocks)))

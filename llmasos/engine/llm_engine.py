@@ -63,8 +63,31 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------------------------
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raise a PromptError (a ValueError) now if the engine could never run this request."""
+        """Raise a PromptError (a ValueError) now if the engine could never run this request, or a LoRAError if it
+        names an adapter that is not loaded."""
         self.client.info.validate(token_ids, params)
+        if params.lora is not None and params.lora not in self.client.list_loras():
+            from llmasos.engine.lora import LoRAError
+
+            raise LoRAError(f"unknown LoRA adapter {params.lora!r}; loaded adapters: "
+                            f"{', '.join(sorted(self.client.list_loras())) or 'none'}")
+
+    # -- LoRA adapters -----------------------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter directory `path` under `name` (requests select it with SamplingParams.lora). It is
+        read and checked against the base now: a LoRAError (a ValueError) names what is wrong."""
+        with self.lock:
+            self.client.load_lora(name, str(path))
+
+    def unload_lora(self, name: str) -> None:
+        """Refuse new requests for `name` now; requests in flight with it finish first, then its weights go."""
+        with self.lock:
+            self.client.unload_lora(name)
+
+    def list_loras(self) -> dict[str, str]:
+        """Adapters that accept requests: name -> directory."""
+        with self.lock:
+            return self.client.list_loras()
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from llmasos.engine.cuda_graphs import DecodeGraphs
 from llmasos.engine.kv_cache import KVCacheManager, allocate_kv_tensors
+from llmasos.engine.lora import LoRAManager
 from llmasos.engine.request import Request
 from llmasos.engine.sampler import sample
 from llmasos.engine.structured_output import GrammarCompiler
@@ -19,8 +20,9 @@ from llmasos.models.attention import AttentionMetadata, sdpa_backends
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCacheManager, dtype: torch.dtype, device: torch.device,
                  enforce_eager: bool = False, max_model_len: int | None = None,
-                 grammars: GrammarCompiler | None = None) -> None:
+                 grammars: GrammarCompiler | None = None, lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.grammars = grammars
         # Structured output: compute the token bitmasks on a worker thread while the forward runs (llguidance drops
         # the GIL); False computes them after the forward (see docs/performance.md for which is faster where).
@@ -51,7 +53,16 @@ class ModelRunner:
         sampling_requests: list[Request] = []
         scoring: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, number of rows)
         size = self.kv.block_size
+        lora_segments: list[tuple[int, int, int]] = []  # (slot, first row, end row) of the adapter rows
+        if self.lora is not None and any(request.lora_id is not None for request, _ in scheduled):
+            scheduled = self._sort_by_adapter(scheduled)
         for request, num_new in scheduled:
+            if request.lora_id is not None:
+                slot = self.lora.slot_of(request.lora_id)
+                if lora_segments and lora_segments[-1][0] == slot:
+                    lora_segments[-1] = (slot, lora_segments[-1][1], len(input_ids) + num_new)
+                else:
+                    lora_segments.append((slot, len(input_ids), len(input_ids) + num_new))
             start = request.num_computed_tokens
             end = start + num_new
             if request.wants_prompt_logprobs:
@@ -81,15 +92,22 @@ class ModelRunner:
                 masks = self._mask_worker.submit(self._fill_bitmask, matchers)
         device = self.device
         num_seqs = len(query_lens)
-        if self.graphs is not None and len(input_ids) == num_seqs and self.graphs.fits(num_seqs, max(context_lens)):
+        if (self.graphs is not None and not lora_segments and len(input_ids) == num_seqs
+                and self.graphs.fits(num_seqs, max(context_lens))):
             hidden = self.graphs.run(input_ids, positions, slots, block_tables, context_lens)
         else:
             attn = AttentionMetadata(
                 query_lens=query_lens, context_lens=context_lens, kv_cache=self.kv_tensors,
                 slot_mapping=torch.tensor(slots, device=device), block_tables=block_tables, block_size=size)
-            with sdpa_backends(device):
-                hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device),
-                                    attn)
+            if lora_segments:
+                self.lora.batch.segments = lora_segments
+            try:
+                with sdpa_backends(device):
+                    hidden = self.model(torch.tensor(input_ids, device=device),
+                                        torch.tensor(positions, device=device), attn)
+            finally:
+                if lora_segments:
+                    self.lora.batch.segments = []
         for request, row, position, count in scoring:
             self._score_prompt(request, hidden[row:row + count], position, count)
         if not sampling_requests:
@@ -100,6 +118,10 @@ class ModelRunner:
             bitmask = masks.result() if masks is not None else self._fill_bitmask(matchers)
         token_ids, logprobs = sample(logits, sampling_requests, (constrained, bitmask) if constrained else None)
         return list(zip(sampling_requests, token_ids, logprobs, strict=True))
+
+    def _sort_by_adapter(self, scheduled: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Base rows first, then each adapter's rows together (stable), so every adapter is one slice of the batch."""
+        return sorted(scheduled, key=lambda item: -1 if item[0].lora_id is None else self.lora.slot_of(item[0].lora_id))
 
     def _fill_bitmask(self, matchers: list) -> torch.Tensor:
         started = time.perf_counter()

@@ -41,7 +41,20 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-EngineInput = EngineCoreRequest | AbortRequests | Shutdown
+class LoadLoRA(msgspec.Struct, tag="load_lora", array_like=True):
+    """Serve the PEFT adapter at `path` as `name` (the front end has checked it against the base already)."""
+
+    name: str
+    path: str
+
+
+class UnloadLoRA(msgspec.Struct, tag="unload_lora", array_like=True):
+    """Refuse new requests for `name`; its requests in flight finish first."""
+
+    name: str
+
+
+EngineInput = EngineCoreRequest | AbortRequests | Shutdown | LoadLoRA | UnloadLoRA
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):

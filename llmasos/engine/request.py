@@ -53,6 +53,8 @@ class Request:
         # so it never needs rolling back); the engine sets it from params.structured_outputs.
         self.matcher = None
         self.stopped_by_grammar = False
+        # The LoRA adapter it runs with (LoRAManager's id of one load; None: the base); also salts its block hashes.
+        self.lora_id: int | None = None
 
     @property
     def num_tokens(self) -> int:

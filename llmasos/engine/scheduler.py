@@ -1,6 +1,7 @@
 """Continuous-batching scheduler (pure Python, no tensors): each step, give every running request the tokens it
 still needs (1 for a decode, a chunk for a prefill) under a token budget, admit waiting requests first come first
-served, and preempt the most recently admitted request when blocks run out (it is recomputed later)."""
+served, and preempt the most recently admitted request when blocks run out (it is recomputed later). With LoRA
+adapters, at most `max_loras` distinct ones run at once; a request whose adapter cannot fit waits; later ones go."""
 
 from __future__ import annotations
 
@@ -24,12 +25,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 max_loras: int | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -70,9 +73,19 @@ class Scheduler:
             self._admit(out, budget)
         return out
 
+    def running_loras(self) -> set[int]:
+        return {r.lora_id for r in self.running if r.lora_id is not None}
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        loras = self.running_loras() if self.max_loras is not None else None
+        skipped: list[Request] = []  # their adapter has no slot this step; they keep their place in the queue
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            lora_id = request.lora_id
+            if loras is not None and lora_id is not None and lora_id not in loras:
+                if len(loras) >= self.max_loras:
+                    skipped.append(self.waiting.popleft())
+                    continue
             first_time = not request.admitted
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
@@ -89,6 +102,9 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append((request, num_new))
             budget -= num_new
+            if loras is not None and lora_id is not None:
+                loras.add(lora_id)
+        self.waiting.extendleft(reversed(skipped))
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)

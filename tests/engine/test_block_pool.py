@@ -150,3 +150,16 @@ def test_kv_manager_refuses_without_side_effects_when_short():
     assert abs(kv.usage - 2 / 3) < 1e-9
     kv.free(small)
     assert kv.usage == 0.0
+
+
+def test_kv_manager_keys_cached_blocks_by_lora_adapter():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    tokens = list(range(13))
+    first = _request("a", tokens)
+    first.lora_id = 1
+    assert kv.allocate(first, 13)
+    kv.free(first)
+    for lora_id, expected in ((None, 0), (2, 0), (1, 3)):
+        request = _request(f"r{lora_id}", tokens)
+        request.lora_id = lora_id
+        assert len(kv.find_cached_prefix(request)) == expected, lora_id

@@ -227,3 +227,20 @@ def test_invalid_limits_are_rejected():
         Scheduler(kv, max_num_seqs=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(kv, max_num_batched_tokens=0)
+
+
+def test_max_loras_caps_distinct_adapters_running_and_later_requests_go_ahead():
+    kv = KVCacheManager(64, 4)
+    scheduler = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=256, max_loras=2)
+    requests = []
+    for i, lora_id in enumerate([1, 2, 3, None, 1]):
+        request = Request(f"r{i}", [i + 3] * 5, SamplingParams(max_tokens=4, temperature=0), set())
+        request.lora_id = lora_id
+        scheduler.add(request)
+        requests.append(request)
+    out = scheduler.schedule()
+    assert [r.request_id for r, _ in out.scheduled] == ["r0", "r1", "r3", "r4"]  # r2's adapter has no slot
+    assert [r.request_id for r in scheduler.waiting] == ["r2"]
+    scheduler.update(out)
+    scheduler.finish(requests[1])  # adapter 2 is no longer running: adapter 3 fits
+    assert [r.request_id for r, _ in scheduler.schedule().scheduled][-1] == "r2"
