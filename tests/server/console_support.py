@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -62,7 +63,9 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def wait(driver, timeout: float = 20.0) -> WebDriverWait:
-    return WebDriverWait(driver, timeout, poll_frequency=0.05)
+    """A wait that looks again when the page reloaded under it (a stale element is not a failure)."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,
+                                                                                    NoSuchElementException))
 
 
 def find(driver, css: str):

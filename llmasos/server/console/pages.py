@@ -59,8 +59,9 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
     @router.get("/")
     async def chat_page(request: Request):
         catalog = await run_in_threadpool(state.models.catalog)
-        models = [{"id": model_id, "loaded": slot is not None and slot.state == "loaded"}
-                  for model_id, slot, _row in catalog if allowed(request, model_id)]
+        models = [{"id": model_id, "loaded": slot is not None and slot.state == "loaded",
+                   "parent": parent[0] if parent else None}
+                  for model_id, slot, _row, *parent in catalog if allowed(request, model_id)]
         return await page(request, "chat.html", title="Chat", models=models)
 
     @router.get("/keys")
@@ -104,7 +105,7 @@ def add_pages(router: APIRouter, state: ServerState) -> None:
         """$ per 1M tokens of every model this server can serve (library rows give the parameter count)."""
         table = state.settings.price_table
         out = []
-        for model_id, slot, row in state.models.catalog():
+        for model_id, slot, row, *_parent in state.models.catalog():
             served = slot.served if slot is not None else None
             num_parameters = served.num_parameters if served is not None else int(getattr(row, "num_parameters", 0)
                                                                                    or 0)
