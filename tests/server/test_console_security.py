@@ -198,6 +198,8 @@ def test_without_keys_the_console_is_open_on_loopback_only(checkpoint, tmp_path,
         assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
         token = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.text).group(1)
         assert client.post("/console/api/keys", json={"name": "first"}).status_code == 403  # CSRF still applies
+        stranger = httpx.post(service.base_url + "/console/api/keys", json={"name": "first"})  # no session at all
+        assert stranger.status_code == 403 and stranger.json()["error"]["code"] == "csrf_failed"
         assert httpx.get(service.base_url + "/keys", headers={"host": "evil.example"}).status_code == 400
         assert client.post("/console/api/keys", json={"name": "first"}, headers={"x-csrf-token": token}).status_code \
             == 200

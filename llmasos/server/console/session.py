@@ -146,10 +146,13 @@ class ConsoleMiddleware:
                 return await self._refuse(scope, receive, send, path)
             # No keys: open on loopback like the API (the guard already refused other Host names); a session is
             # still made, so that the CSRF token protects state changes.
+            if method not in SAFE_METHODS:  # a state change needs the token of a page this browser opened
+                error = APIError(403, "missing CSRF token: open a console page first; its requests carry the token",
+                                 type="permission_error", code="csrf_failed")
+                scope_state["error"] = error.message
+                return await JSONResponse(error.body(), status_code=403)(scope, receive, send)
             cookie = self.sessions.create(None)
             session_id = cookie.partition(".")[0]
-            if method not in SAFE_METHODS:
-                return await self._refuse(scope, receive, send, path)
             scope_state.update(console_open=True, key=None, console_session=session_id, console_new_cookie=cookie)
             return await self.app(scope, receive, send)
         return await self.app(scope, receive, send)
