@@ -217,15 +217,17 @@ def download(url: str, file: RemoteFile, progress: DownloadProgress, headers: di
         return part, _verify(part, file)
 
 
-def pull(spec_text: str, name: str | None = None, *, show_progress: bool = True) -> tuple[LibraryModel, str]:
+def pull(spec_text: str, name: str | None = None, *, show_progress: bool = True,
+         progress: DownloadProgress | None = None) -> tuple[LibraryModel, str]:
     """Pull a catalog model or Hub repo into the library. Returns the row and 'pulled', 'updated' or 'up to date'.
+    `progress` replaces the terminal's progress bars (the web console passes one that it polls).
 
     Pulls of one repo or one name are serialized by locks (repo first, then name, always in that order); the second
     of two identical pulls then finds the model up to date."""
     spec = parse_spec(spec_text, name)
     if offline_mode():
         raise LibraryError(offline_message(spec))
-    progress = DownloadProgress(enabled=show_progress)
+    progress = progress if progress is not None else DownloadProgress(enabled=show_progress)
 
     def waiting() -> None:
         progress.note(f"waiting for another pull of {spec.repo_id} or {spec.name} to finish")

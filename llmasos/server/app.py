@@ -203,13 +203,16 @@ def authenticate(state: ServerState, authorization: str) -> KeyInfo | None:
 class AuthMiddleware:
     """Default deny: once a key exists, every request but GET /health needs a valid key, decided before routing, so
     that no spelling of a path ('//v1/models', '/V1/MODELS', '%2f', '..') and no route added later answers without
-    one. The key is left in the request's state for the routes."""
+    one. The key is left in the request's state for the routes. The web console's ConsoleMiddleware, just outside,
+    decides its login page, static files and session requests (marked `console_open`) itself."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope.get("state", {}).get("console_open"):  # the console's login, static files or a valid session
             return await self.app(scope, receive, send)
         key = None
         if scope["path"] != "/health":
@@ -354,6 +357,9 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     app.include_router(protected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, state=state)  # outside the body limit: strangers get 401, not 413
+    from llmasos.server.console import install_console
+
+    install_console(app, state)  # the web console at /: its session middleware runs just before AuthMiddleware
     from llmasos.server.guard import install_guard
 
     install_guard(app, state)  # outside auth: Host, CORS preflight and JSON Content-Type come before the key

@@ -185,7 +185,8 @@ def startup_banner(manager: ModelManager, settings: ServerSettings) -> str:
     from llmasos.server.lifecycle import describe_keep_alive, device_of
 
     loaded = manager.loaded()
-    lines = [f"LLMasOS serving on http://{settings.host}:{settings.port}/v1"]
+    lines = [f"LLMasOS serving on http://{settings.host}:{settings.port}/v1",
+             f"  web console: http://{settings.host}:{settings.port}/"]
     for model_id, served in loaded.items():
         lines.append(f"  model {model_id}: loaded on {device_of(served)}, "
                      f"{served.num_parameters / 1e6:.1f}M parameters")
