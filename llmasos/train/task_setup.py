@@ -29,7 +29,9 @@ def is_task_model(model: nn.Module) -> bool:
 
 
 def is_encoder(model: nn.Module) -> bool:
-    return isinstance(model, BertModel) or hasattr(model, "bert")
+    from llmasos.models.heads import BertTaskModel
+
+    return isinstance(model, (BertModel, BertTaskModel))
 
 
 def task_backbone(directory: Path, dtype: str) -> nn.Module | None:
