@@ -169,7 +169,7 @@ def test_keys_are_scoped_to_adapters_and_loading_needs_an_admin_key(service, mad
         json.dumps({})  # keys stay: this module's home is its own
 
 
-def test_serve_lora_flag_serves_adapters_on_the_base(home, made):
+def test_serve_lora_flag_serves_adapters_on_the_base(made, tmp_path):
     import os
     import subprocess
     import time
@@ -177,10 +177,11 @@ def test_serve_lora_flag_serves_adapters_on_the_base(home, made):
     from conftest import REPO_ROOT
 
     port = free_port()
+    env = {**os.environ, "LLMASOS_HOME": str(tmp_path / "home")}  # keyless: this module's home has keys by now
     process = subprocess.Popen([sys.executable, "-m", "llmasos", "serve", "--model", str(made["base"]), "--lora",
                                 f"support={made['support']}", "--port", str(port), "--dtype", "float32",
                                 "--engine-in-process", "--log-level", "warning"], cwd=REPO_ROOT,
-                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -196,5 +197,5 @@ def test_serve_lora_flag_serves_adapters_on_the_base(home, made):
         process.terminate()
         process.wait(timeout=60)
     bad = subprocess.run([sys.executable, "-m", "llmasos", "serve", "--model", str(made["base"]), "--lora", "oops"],
-                         cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "NAME=ADAPTER_DIR" in bad.stderr
