@@ -78,6 +78,8 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
                                  "classification (data of {text, [text_pair], label}).  [default: causal]")
 @click.option("--mlm-probability", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of tokens masked by --objective mlm.  [default: 0.15]")
+@click.option("--mlm-whole-word", is_flag=True, default=None,
+              help="--objective mlm masks whole words (every piece of a chosen word, all as [MASK]).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Passes over the data.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
@@ -95,7 +97,7 @@ def _load_tokenizer(spec: Any, output: Path, train_records: list, ctx) -> Any:
 @click.option("--config", "recipe_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A YAML recipe; options given here override it.")
 def train(model, model_config, tokenizer, data, eval_data, eval_split, output, method, objective, mlm_probability,
-          max_steps, epochs, batch_size,
+          mlm_whole_word, max_steps, epochs, batch_size,
           gradient_accumulation_steps, learning_rate, max_seq_length, seed, save_steps, bf16, fsdp, device, resume,
           recipe_path) -> None:
     """Train a model and write a loadable checkpoint to OUTPUT/final."""
@@ -124,6 +126,7 @@ def train(model, model_config, tokenizer, data, eval_data, eval_split, output, m
 
     training = dict(recipe.get("training", {}))
     overrides = {"method": method, "objective": objective, "mlm_probability": mlm_probability,
+                 "mlm_whole_word": mlm_whole_word,
                  "max_steps": max_steps, "num_train_epochs": epochs, "learning_rate": learning_rate,
                  "gradient_accumulation_steps": gradient_accumulation_steps, "max_seq_length": max_seq_length,
                  "seed": seed, "save_steps": save_steps, "bf16": bf16, "fsdp": fsdp, "device": device}

@@ -1,5 +1,6 @@
 """Task models on our backbones, under transformers' parameter names so checkpoints go both ways unrenamed:
-BERT's sequence classifier (pooler + classifier), masked-LM head and extractive-QA head, and the decoder families'
+BERT's sequence classifier (pooler + classifier), masked-LM head and extractive-QA head, RoBERTa's (and XLM-R's,
+CamemBERT's) classifier (classifier.dense + out_proj, no pooler) and QA head, and the decoder families'
 sequence classifier (the score of the last non-pad token, `score.weight`, as LlamaForSequenceClassification).
 
 `load_task_model` reads any of them from a checkpoint directory; `attach_head` puts a head on an already loaded
@@ -24,8 +25,16 @@ CLASSIFICATION, MASKED_LM, QUESTION_ANSWERING = "classification", "mlm", "questi
 # transformers' class names, for config.json's `architectures` (what AutoModelFor... reads).
 DECODER_CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
                        "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
-ENCODER_ARCHITECTURES = {CLASSIFICATION: "BertForSequenceClassification", MASKED_LM: "BertForMaskedLM",
-                         QUESTION_ANSWERING: "BertForQuestionAnswering"}
+ENCODER_ARCHITECTURES = {CLASSIFICATION: "ForSequenceClassification", MASKED_LM: "ForMaskedLM",
+                         QUESTION_ANSWERING: "ForQuestionAnswering"}
+ENCODER_CLASS_PREFIXES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert"}
+# The attribute (and checkpoint prefix) transformers' task models keep the encoder under.
+ENCODER_ATTRIBUTES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta"}
+
+
+def encoder_architecture(model_type: str, task: str) -> str:
+    """e.g. ("roberta", "classification") -> "RobertaForSequenceClassification"."""
+    return ENCODER_CLASS_PREFIXES[model_type] + ENCODER_ARCHITECTURES[task]
 
 
 class TaskModel(nn.Module):
@@ -46,16 +55,25 @@ class TaskModel(nn.Module):
 
 
 class BertTaskModel(TaskModel):
+    """An encoder (kept as `bert` or `roberta`, transformers' attribute for the family) with a task head."""
+
+    families: tuple[str, ...] = ("bert",)
+
     def __init__(self, config: BertConfig, backbone: BertModel | None = None) -> None:
         super().__init__()
-        if config.model_type != "bert":
-            raise ModelLoadError(f"task heads are implemented for BERT checkpoints; {config.model_type!r} has other "
-                                 "head layouts (not supported yet)")
+        if config.model_type not in self.families:
+            raise ModelLoadError(f"the {self.task} head is implemented for {', '.join(self.families)} checkpoints, "
+                                 f"not {config.model_type!r}")
         self.config = config
-        self.bert = backbone if backbone is not None else BertModel(config)
+        self.prefix = ENCODER_ATTRIBUTES[config.model_type]
+        self.add_module(self.prefix, backbone if backbone is not None else ENCODER_FAMILIES[config.model_type](config))
+
+    @property
+    def encoder_model(self) -> BertModel:
+        return getattr(self, self.prefix)
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.bert.encoder.layer
+        return self.encoder_model.encoder.layer
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -85,6 +103,36 @@ class BertForSequenceClassification(BertTaskModel):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (batch, length, hidden)
         return self.classifier(self.dropout(self.bert.pooler(hidden))).float()  # (batch, num_labels)
+
+
+class RobertaClassificationHead(nn.Module):
+    def __init__(self, config: BertConfig, num_labels: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        dropout = config.raw.get("classifier_dropout")
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.out_proj = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        first = self.dropout(hidden[:, 0])  # the <s> token
+        return self.out_proj(self.dropout(torch.tanh(self.dense(first))))
+
+
+class RobertaForSequenceClassification(BertTaskModel):
+    """RoBERTa, XLM-RoBERTa, CamemBERT: dense + tanh + out_proj on the first token (no pooler)."""
+
+    head_modules = ("classifier",)
+    task = CLASSIFICATION
+    families = ("roberta", "xlm-roberta", "camembert")
+
+    def __init__(self, config: BertConfig, num_labels: int, backbone: BertModel | None = None) -> None:
+        super().__init__(config, backbone)
+        self.num_labels = num_labels
+        self.classifier = RobertaClassificationHead(config, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.roberta(input_ids, attention_mask, token_type_ids)).float()
 
 
 class BertForMaskedLM(BertTaskModel):
@@ -130,6 +178,7 @@ class BertForQuestionAnswering(BertTaskModel):
 
     head_modules = ("qa_outputs",)
     task = QUESTION_ANSWERING
+    families = ("bert", "roberta", "xlm-roberta", "camembert")
 
     def __init__(self, config: BertConfig, backbone: BertModel | None = None) -> None:
         super().__init__(config, backbone)
@@ -137,7 +186,8 @@ class BertForQuestionAnswering(BertTaskModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.qa_outputs(self.bert(input_ids, attention_mask, token_type_ids)).float()  # (batch, length, 2)
+        hidden = self.encoder_model(input_ids, attention_mask, token_type_ids)
+        logits = self.qa_outputs(hidden).float()  # (batch, length, 2)
         return logits[..., 0], logits[..., 1]
 
 
@@ -265,26 +315,28 @@ def attach_head(backbone: nn.Module, task: str, directory: Path | None, num_labe
             raise ValueError(f"objective {task!r} is for encoders; a decoder trains as a causal LM or a classifier")
         model: TaskModel = DecoderForSequenceClassification(backbone, num_labels or 2)
     elif task == CLASSIFICATION:
-        model = BertForSequenceClassification(backbone.config, num_labels or 2, backbone)
+        classifier = BertForSequenceClassification if backbone.config.model_type == "bert" else \
+            RobertaForSequenceClassification
+        model = classifier(backbone.config, num_labels or 2, backbone)
     elif task == MASKED_LM:
         model = BertForMaskedLM(backbone.config, backbone)
     elif task == QUESTION_ANSWERING:
         model = BertForQuestionAnswering(backbone.config, backbone)
     else:
         raise ValueError(f"unknown task {task!r}")
-    backbone_names = {f"{'bert.' if isinstance(model, BertTaskModel) else ''}{name}"
-                      for name, _ in backbone.named_parameters()}
-    head = [module for name, module in model.named_children() if name != "bert" and name not in
+    prefix = f"{model.prefix}." if isinstance(model, BertTaskModel) else ""
+    backbone_names = {f"{prefix}{name}" for name, _ in backbone.named_parameters()}
+    head = [module for name, module in model.named_children() if f"{name}." != prefix and name not in
             {n for n, _ in backbone.named_children()}]
-    if isinstance(model, BertTaskModel) and hasattr(model.bert, "pooler"):
-        head.append(model.bert.pooler)
+    if isinstance(model, BertTaskModel) and hasattr(model.encoder_model, "pooler"):
+        head.append(model.encoder_model.pooler)
     for module in head:
         init_new(module, std)
     if isinstance(model, BertForMaskedLM):
         nn.init.zeros_(model.cls.predictions.bias)
         model.tie_weights()
     model.to(dtype)
-    missing = fill_from_checkpoint(model, directory, ("bert.",)) if directory is not None else [
+    missing = fill_from_checkpoint(model, directory, (prefix,) if prefix else ()) if directory is not None else [
         name for name, _ in model.named_parameters()]
     return model, [name for name in missing if name not in backbone_names]
 
@@ -322,5 +374,5 @@ def load_task_model(path: str | Path, task: str, dtype: str | torch.dtype = "flo
         model, missing = attach_head(load_backbone(directory, dtype), task, directory, num_labels)
     if missing:
         raise ModelLoadError(f"{directory} has no {task} head (missing {', '.join(missing[:3])}): it is not a "
-                             f"{ENCODER_ARCHITECTURES.get(task, task)}-style checkpoint")
+                             f"*{ENCODER_ARCHITECTURES.get(task, task)} checkpoint")
     return model.to(device).eval(), data

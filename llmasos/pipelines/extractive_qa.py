@@ -15,7 +15,7 @@ from llmasos.pipelines.task_models import TaskModelPipeline
 
 
 class QuestionAnsweringModel:
-    """A BertForQuestionAnswering checkpoint and its tokenizer: start and end logits of one window."""
+    """A Bert/RobertaForQuestionAnswering checkpoint and its tokenizer: start and end logits of one window."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: str | None = None) -> None:
         self.model, self.tokenizer, self.path = model, tokenizer, path
@@ -33,7 +33,7 @@ class QuestionAnsweringModel:
 
     @property
     def max_length(self) -> int:
-        return self.model.bert.max_length
+        return self.model.encoder_model.max_length
 
     @torch.no_grad()
     def logits(self, input_ids: list[int], token_type_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,7 @@ class TrainingArguments:
     lora_target_modules: list[str] | None = None
     objective: str = "causal"  # causal (next token), mlm (BERT's masked LM) or classification (one label per text)
     mlm_probability: float = 0.15
+    mlm_whole_word: bool = False  # mask whole words (all the pieces of a chosen word), as whole_word_mask=True
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -92,6 +93,8 @@ class TrainingArguments:
               f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         check(isinstance(self.mlm_probability, (int, float)) and 0 < self.mlm_probability < 1,
               f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
+        check(isinstance(self.mlm_whole_word, bool),
+              f"mlm_whole_word must be true or false, got {self.mlm_whole_word!r}")
         check(self.method in METHODS, f"method must be 'full' or 'lora', got {self.method!r}")
         check(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
               f"lora_alpha must be > 0, got {self.lora_alpha!r}")

@@ -31,6 +31,7 @@ class Example:
     labels: list[int]
     token_type_ids: list[int] | None = None
     label: int | None = None
+    word_starts: list[bool] | None = None  # whole-word masking: True on the first token of each word
 
 
 @dataclass
@@ -54,20 +55,28 @@ class DatasetReport:
 
 
 def build_examples(records: list[Record], tokenizer: Tokenizer, max_seq_length: int, name: str = "train_data",
-                   vocab_size: int | None = None) -> tuple[list[Example], DatasetReport]:
+                   vocab_size: int | None = None, word_starts: bool = False) -> tuple[list[Example], DatasetReport]:
     """Tokenize records. Text is concatenated (EOS between documents) and cut into blocks of max_seq_length;
     prompt/completion and chat examples stay whole, with loss only on the completion / assistant tokens, and are
     skipped (and counted) when longer than max_seq_length or when they have nothing to learn. Pre-tokenized
-    examples are checked against `vocab_size` (the model's; the tokenizer's by default)."""
+    examples are checked against `vocab_size` (the model's; the tokenizer's by default). `word_starts` marks the
+    first token of every word of text blocks (whole-word masking)."""
     report = DatasetReport(num_records=len(records))
     examples: list[Example] = []
     eos = tokenizer.eos_token_id
     stream: list[int] = []
+    starts: list[bool] = []
     for record in records:
         if record.kind == "text":
-            stream.extend(tokenizer.encode(record.text))
+            if word_starts:
+                ids, flags = word_start_flags(tokenizer, record.text)
+                stream.extend(ids)
+                starts.extend(flags)
+            else:
+                stream.extend(tokenizer.encode(record.text))
             if eos is not None:
                 stream.append(eos)
+                starts.append(False)
             continue
         if record.kind == "ids":
             input_ids = record.input_ids or []
@@ -99,10 +108,15 @@ def build_examples(records: list[Record], tokenizer: Tokenizer, max_seq_length: 
             report.skipped[SKIP_TOO_LONG].append(f"{record.source}: {len(input_ids)} > {max_seq_length} tokens")
             continue
         examples.append(Example(input_ids, labels))
+    special_ids = tokenizer.all_special_ids
     for start in range(0, len(stream), max_seq_length):
         block = stream[start:start + max_seq_length]
         if len(block) >= 2:
-            examples.append(Example(block, list(block)))
+            flags = None
+            if word_starts:  # a block starts a word, as transformers' collator sees a row's first token
+                flags = starts[start:start + max_seq_length]
+                flags[0] = block[0] not in special_ids
+            examples.append(Example(block, list(block), word_starts=flags))
     report.skipped = {reason: sources for reason, sources in report.skipped.items() if sources}
     report.num_examples = len(examples)
     report.num_tokens = sum(len(example.input_ids) for example in examples)
@@ -112,6 +126,22 @@ def build_examples(records: list[Record], tokenizer: Tokenizer, max_seq_length: 
         detail = f" ({report.skip_summary()})" if report.num_skipped else ""
         raise TrainingDataError(f"{name} has no usable examples{detail}")
     return examples, report
+
+
+def word_start_flags(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """A text's ids and, per token, whether it begins a word: transformers' whole-word rule on character offsets
+    (a token starts a word unless it is special or begins where the previous non-special token ended)."""
+    encoding = tokenizer.backend.encode(text, add_special_tokens=True)
+    special = [token in tokenizer.all_special_ids for token in encoding.ids]
+    flags = []
+    for index, (begin, _) in enumerate(encoding.offsets):
+        if special[index]:
+            flags.append(False)
+        elif index == 0 or special[index - 1]:
+            flags.append(True)
+        else:
+            flags.append(begin != encoding.offsets[index - 1][1])
+    return list(encoding.ids), flags
 
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:

@@ -120,14 +120,14 @@ def task_config(model: torch.nn.Module, dtype: torch.dtype, tokenizer: Tokenizer
     """config.json of a task model (classifier, masked LM): transformers' class in `architectures`, and for a
     classifier id2label / label2id (what AutoModelForSequenceClassification sizes its head from) and a pad id (a
     decoder classifier pools the last token that is not padding)."""
-    from llmasos.models.heads import DECODER_CLASSIFIERS, ENCODER_ARCHITECTURES, BertTaskModel
+    from llmasos.models.heads import DECODER_CLASSIFIERS, BertTaskModel, encoder_architecture
 
     config = model.config
     data = hf_config(config, dtype, tokenizer)
     for key in ("id2label", "label2id", "num_labels", "problem_type"):
         data.pop(key, None)
     if isinstance(model, BertTaskModel):
-        data["architectures"] = [ENCODER_ARCHITECTURES[model.task]]
+        data["architectures"] = [encoder_architecture(config.model_type, model.task)]
     else:
         data["architectures"] = [DECODER_CLASSIFIERS[config.model_type]]
         if data.get("pad_token_id") is None:

@@ -29,7 +29,9 @@ def is_task_model(model: nn.Module) -> bool:
 
 
 def is_encoder(model: nn.Module) -> bool:
-    return isinstance(model, BertModel) or hasattr(model, "bert")
+    from llmasos.models.heads import BertTaskModel
+
+    return isinstance(model, (BertModel, BertTaskModel))
 
 
 def task_backbone(directory: Path, dtype: str) -> nn.Module | None:
@@ -100,7 +102,7 @@ def objective_for(trainer: LLMTrainer, args: TrainingArguments) -> tasks.Objecti
             raise ValueError("objective='mlm' needs a tokenizer with a mask token (e.g. [MASK]); "
                              "`llmasos tokenizer train --wordpiece` makes one")
         return tasks.masked_lm_objective(sorted(trainer.tokenizer.all_special_ids), mask_id,
-                                         trainer.tokenizer.vocab_size, args.mlm_probability)
+                                         trainer.tokenizer.vocab_size, args.mlm_probability, args.mlm_whole_word)
     if args.fsdp:
         raise ValueError("fsdp is implemented for the causal objective only")
     return tasks.classification_objective()

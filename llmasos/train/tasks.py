@@ -66,18 +66,35 @@ class MaskedLMLoss(nn.Module):
 
 
 def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,
-                probability: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                probability: float, generator: torch.Generator | None = None,
+                word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's 80/10/10 rule on (batch, length) ids; `special` marks positions never chosen (specials, padding).
+    With `word_starts` (batch, length) bool, whole words are masked: each word's first token is drawn, the word's
+    other tokens follow it, and all of them become [MASK] (transformers' whole_word_mask, which drops the 10/10).
     Returns (masked input_ids, labels with IGNORE_INDEX on unchosen positions). The draws are transformers'
     DataCollatorForLanguageModeling's, in its order, so the same generator state masks the same tokens."""
     labels = input_ids.clone()
     chance = torch.full(labels.shape, probability)
-    chance.masked_fill_(special, 0.0)
-    chosen = torch.bernoulli(chance, generator=generator).bool()
+    if word_starts is None:
+        chance.masked_fill_(special, 0.0)
+        chosen = torch.bernoulli(chance, generator=generator).bool()
+    else:
+        starts = word_starts & ~special
+        word_ids = torch.cumsum(starts.long(), dim=1)
+        word_ids[special] = -1
+        chance.masked_fill_(~starts, 0.0)
+        drawn = torch.bernoulli(chance, generator=generator).bool()
+        valid = word_ids != -1
+        same_word = (word_ids[:, :, None] == word_ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        chosen = (same_word & drawn[:, None, :]).any(dim=2)  # (batch, length): a token of a drawn word
     labels[~chosen] = IGNORE_INDEX
     input_ids = input_ids.clone()
-    replaced = torch.bernoulli(torch.full(labels.shape, 0.8), generator=generator).bool() & chosen
+    # transformers replaces every token of a whole-word mask by [MASK] (no random or kept words there)
+    replace_share = 1.0 if word_starts is not None else 0.8
+    replaced = torch.bernoulli(torch.full(labels.shape, replace_share), generator=generator).bool() & chosen
     input_ids[replaced] = mask_id
+    if word_starts is not None:
+        return input_ids, labels
     randomized = torch.bernoulli(torch.full(labels.shape, 0.5), generator=generator).bool() & chosen & ~replaced
     random_words = torch.randint(vocab_size, labels.shape, dtype=torch.long, generator=generator)
     input_ids[randomized] = random_words[randomized]
@@ -110,13 +127,22 @@ def classification_objective() -> Objective:
                      ClassificationLoss)
 
 
-def masked_lm_objective(special_ids: list[int], mask_id: int, vocab_size: int, probability: float) -> Objective:
+def masked_lm_objective(special_ids: list[int], mask_id: int, vocab_size: int, probability: float,
+                        whole_word: bool = False) -> Objective:
     special_set = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
 
     def collate_masked(examples: list[Example], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         input_ids, attention_mask, token_type_ids = pad_batch(examples, pad_id, torch.device("cpu"))
         special = torch.isin(input_ids, special_set) | (attention_mask == 0)
-        masked, labels = mask_tokens(input_ids, special, mask_id, vocab_size, probability)
+        word_starts = None
+        if whole_word:
+            word_starts = torch.zeros_like(special)
+            for row, example in enumerate(examples):
+                if example.word_starts is None:
+                    raise ValueError("whole-word masking needs examples built with word boundaries "
+                                     "(build_examples(..., word_starts=True))")
+                word_starts[row, :len(example.word_starts)] = torch.tensor(example.word_starts)
+        masked, labels = mask_tokens(input_ids, special, mask_id, vocab_size, probability, word_starts=word_starts)
         return tuple(t.to(device) for t in (masked, attention_mask, token_type_ids, labels))
 
     return Objective(MASKED_LM, collate_masked, lambda batch: int((batch[-1] != IGNORE_INDEX).sum()), MaskedLMLoss)

@@ -143,7 +143,7 @@ class LLMTrainer:
             examples, self.labels = prepare_task_data(self, data, args, name)
             return examples, DatasetReport(num_records=len(examples), num_examples=len(examples))
         return build_examples(read_records(data, name), self.tokenizer, self._max_seq_length(args), name,
-                              self.config.vocab_size)
+                              self.config.vocab_size, word_starts=args.objective == "mlm" and args.mlm_whole_word)
 
     def _pad_id(self) -> int:
         for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):

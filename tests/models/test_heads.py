@@ -71,3 +71,36 @@ def test_a_checkpoint_without_the_head_is_a_clear_error(tmp_path):
     tf.BertModel(tf.BertConfig(**BERT)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has no question-answering head"):
         load_task_model(tmp_path, "question-answering")
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta"])
+@pytest.mark.parametrize("task", ["classification", "question-answering"])
+def test_roberta_heads_equal_transformers(family, task, tmp_path):
+    import transformers as tf
+
+    config_class = {"roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig}[family]
+    config = config_class(**{**BERT, "pad_token_id": 2, "max_position_embeddings": 64}, type_vocab_size=1,
+                          num_labels=3 if task == "classification" else 2)
+    torch.manual_seed(0)
+    reference = (tf.AutoModelForSequenceClassification if task == "classification"
+                 else tf.AutoModelForQuestionAnswering).from_config(config).eval()
+    reference.save_pretrained(tmp_path)
+    ours, _ = load_task_model(tmp_path, task)
+    input_ids, mask = batch(2)
+    with torch.no_grad():
+        theirs = reference(input_ids=input_ids, attention_mask=mask)
+        out = ours(input_ids, mask)
+    if task == "classification":
+        assert torch.allclose(out, theirs.logits, atol=1e-5)
+    else:
+        real = mask.bool()
+        assert torch.allclose(out[0][real], theirs.start_logits[real], atol=1e-5)
+
+
+def test_roberta_has_no_masked_lm_head_yet(tmp_path):
+    import transformers as tf
+
+    tf.RobertaForMaskedLM(tf.RobertaConfig(**{**BERT, "pad_token_id": 2, "max_position_embeddings": 64})
+                          ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="the mlm head is implemented for bert checkpoints, not 'roberta'"):
+        load_task_model(tmp_path, "mlm")

@@ -55,6 +55,18 @@ def qwen2_classifier(tmp_path_factory):
                 hf_tokenizer(add_bos=False))
 
 
+@pytest.fixture(scope="module")
+def roberta_classifier(tmp_path_factory):
+    import transformers as tf
+
+    config = tf.RobertaConfig(**{**bert_config().to_dict(), "pad_token_id": 2, "max_position_embeddings": 64,
+                                 "type_vocab_size": 1, "id2label": LABELS,
+                                 "label2id": {v: k for k, v in LABELS.items()}})
+    torch.manual_seed(5)
+    return save(tf.RobertaForSequenceClassification(config), tmp_path_factory.mktemp("roberta-cls"),
+                hf_tokenizer(add_bos=True))
+
+
 def hf_pipeline(task: str, directory, **options):
     import transformers as tf
 
@@ -77,7 +89,7 @@ def assert_same(ours, theirs, atol=1e-5):
         assert ours == theirs
 
 
-@pytest.mark.parametrize("fixture", ["bert_classifier", "qwen2_classifier"])
+@pytest.mark.parametrize("fixture", ["bert_classifier", "qwen2_classifier", "roberta_classifier"])
 def test_text_classification_equals_transformers(fixture, request):
     directory = request.getfixturevalue(fixture)
     ours, theirs = pipeline("text-classification", model=directory), hf_pipeline("text-classification", directory)

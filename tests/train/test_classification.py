@@ -55,6 +55,24 @@ def qwen2_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Pat
     return directory
 
 
+def roberta_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    import transformers as tf
+
+    config = tf.RobertaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=64, type_vocab_size=1,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=num_labels,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(seed)
+    tf.RobertaForSequenceClassification(config).save_pretrained(directory)
+    hf_tokenizer(add_bos=True).save_pretrained(directory)
+    return directory
+
+
+BUILDERS = {"bert": bert_classifier, "qwen2": qwen2_classifier, "roberta": roberta_classifier}
+ARCHITECTURES = {"bert": "BertForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                 "roberta": "RobertaForSequenceClassification"}
+
+
 def hf_trainer_run(directory: Path, rows: list[dict], output: Path, label_names: list[str]):
     """transformers' Trainer on the same data, one batch holding all of it (so the data order cannot matter)."""
     import transformers as tf
@@ -114,11 +132,11 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
     return float((logits.argmax(-1) == torch.tensor(labels)).float().mean())
 
 
-@pytest.mark.parametrize("family", ["bert", "qwen2"])
+@pytest.mark.parametrize("family", ["bert", "qwen2", "roberta"])
 def test_full_fine_tuning_matches_transformers_trainer(family, tmp_path):
     """Same checkpoint, data, seed and optimizer: the loss of every step, the saved model's logits (read back by
     AutoModelForSequenceClassification) and the accuracy agree with transformers' Trainer."""
-    source = (bert_classifier if family == "bert" else qwen2_classifier)(tmp_path / "source")
+    source = BUILDERS[family](tmp_path / "source")
     reference, reference_logits = hf_trainer_run(source, DATA, tmp_path / "hf", ["neg", "pos"])
     trainer, losses = our_run(source, write_jsonl(tmp_path / "train.jsonl", DATA), tmp_path / "run")
     assert len(losses) == STEPS
@@ -127,8 +145,7 @@ def test_full_fine_tuning_matches_transformers_trainer(family, tmp_path):
     trainer.save_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}
-    assert config["architectures"] == [{"bert": "BertForSequenceClassification",
-                                        "qwen2": "Qwen2ForSequenceClassification"}[family]]
+    assert config["architectures"] == [ARCHITECTURES[family]]
     theirs = hf_logits(tmp_path / "out", DATA)
     ours = our_logits(trainer, DATA)
     assert torch.allclose(ours, theirs, atol=1e-5)
@@ -149,19 +166,19 @@ def test_pairs_with_label_ids(tmp_path):
     assert torch.allclose(our_logits(trainer, PAIRS), hf_logits(tmp_path / "out", PAIRS), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "qwen2"])
+@pytest.mark.parametrize("family", ["bert", "qwen2", "roberta"])
 def test_lora_classifier_loads_in_peft(family, tmp_path):
     """LoRA on the layers, the head trained in full and saved as modules_to_save: PEFT gives our logits."""
     import transformers as tf
     from peft import PeftModel
 
-    source = (bert_classifier if family == "bert" else qwen2_classifier)(tmp_path / "source", num_labels=3)
+    source = BUILDERS[family](tmp_path / "source", num_labels=3)
     rows = [{**row, "label": ["a", "b", "c"][i % 3]} for i, row in enumerate(DATA)]
     trainer, losses = our_run(source, rows, tmp_path / "run", method="lora", learning_rate=5e-3, lora_r=4)
     assert losses[-1] < losses[0]
     trainer.save_pretrained(tmp_path / "adapter")
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    head = "classifier" if family == "bert" else "score"
+    head = "score" if family == "qwen2" else "classifier"
     assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == [head]
     base = tf.AutoModelForSequenceClassification.from_pretrained(source)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()

@@ -75,7 +75,7 @@ def test_two_processes_train_a_classifier_as_one(tmp_path):
 
     config = tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0, classifier_dropout=0.0, pad_token_id=0)
+                           attention_probs_dropout_prob=0.0, classifier_dropout=0.0, pad_token_id=0, num_labels=3)
     torch.manual_seed(0)
     tf.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
     bert_tokenizer().save_pretrained(tmp_path / "bert")

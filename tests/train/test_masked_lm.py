@@ -177,3 +177,43 @@ def test_resumed_mlm_run_masks_and_ends_like_the_uninterrupted_one(tmp_path):
     expected = whole.model.state_dict()
     for name, tensor in resumed.model.state_dict().items():
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
+
+
+def test_whole_word_masking_is_transformers_collators(tmp_path):
+    """Word boundaries from character offsets and whole words masked as DataCollatorForLanguageModeling(
+    whole_word_mask=True) does, draw for draw; then a whole-word MLM run trains."""
+    import transformers as tf
+
+    from llmasos.train.dataset import Example, word_start_flags
+
+    hf_bert_mlm(tmp_path)
+    hf_tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(tmp_path)
+    texts = [sentence + " héllo wörld, don't stop" for sentence in SENTENCES] * 3
+    features = [hf_tokenizer(text, return_offsets_mapping=True) for text in texts]
+    length = max(len(feature["input_ids"]) for feature in features)
+    padded = [{"input_ids": f["input_ids"] + [0] * (length - len(f["input_ids"])),
+               "attention_mask": [1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])),
+               "offset_mapping": [list(o) for o in f["offset_mapping"]] + [[0, 0]] * (length - len(f["input_ids"]))}
+              for f in features]  # padded here: the collator cannot pad offsets itself
+    with pytest.warns(UserWarning, match="Random token replacement is not supported"):  # all chosen become [MASK]
+        collator = tf.DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.3, whole_word_mask=True,
+                                                      return_tensors="pt")
+    objective = masked_lm_objective(sorted(ours.all_special_ids), ours.mask_token_id, ours.vocab_size, 0.3,
+                                    whole_word=True)
+    examples = []
+    for text in texts:
+        ids, starts = word_start_flags(ours, text)
+        examples.append(Example(ids, [], word_starts=starts))
+    torch.manual_seed(5)
+    theirs = collator(padded)
+    torch.manual_seed(5)
+    input_ids, _, _, labels = objective.collate(examples, ours.pad_token_id, torch.device("cpu"))
+    assert torch.equal(input_ids, theirs["input_ids"]) and torch.equal(labels, theirs["labels"])
+    assert 0.1 < (labels != -100).float().mean() < 0.4
+
+    trainer = LLMTrainer.from_pretrained(tmp_path)
+    result = trainer.train(texts, args=TrainingArguments(output_dir=str(tmp_path / "run"), objective="mlm",
+                                                         mlm_whole_word=True, max_steps=3, save_steps=None,
+                                                         progress_bar=False, max_seq_length=24))
+    assert result.global_step == 3 and result.train_loss > 0
