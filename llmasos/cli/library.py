@@ -35,14 +35,22 @@ def pull(model: str, name: str | None, quiet: bool) -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Library name, e.g. mymodel:v1 (lowercase letters, digits, . _ : -).")
 @click.option("--link", is_flag=True, help="Hard-link the files instead of copying them (same filesystem only).")
-def import_command(directory: Path, name: str, link: bool) -> None:
-    """Validate the checkpoint in DIRECTORY and add it to the library as NAME."""
+@click.option("--base", default=None,
+              help="For a LoRA adapter directory: the library model it was trained on (default: the one its "
+                   "adapter_config.json names).")
+def import_command(directory: Path, name: str, link: bool, base: str | None) -> None:
+    """Validate the checkpoint in DIRECTORY and add it to the library as NAME. A PEFT LoRA adapter becomes a model
+    derived from its base (FROM base + ADAPTER), served merged, or unmerged on the base with `serve --lora`."""
     from llmasos.library.importer import import_directory
     from llmasos.library.manage import human_count, human_size
     from llmasos.library.names import check_name
 
     check_name(name)
-    row, linked = import_directory(directory, name, link=link)
+    row, linked = import_directory(directory, name, link=link, base=base)
+    if row.adapter:
+        click.echo(f"imported {row.name}: a LoRA adapter on {row.base_name} (serve it alone, or on its base with "
+                   f"`llmasos serve --model {row.base_name} --lora {row.name}={row.name}`)")
+        return
     how = "hard-linked" if linked else "copied"
     click.echo(f"imported {row.name}: {row.family}, {human_count(row.num_parameters)} parameters, "
                f"{human_size(row.size_bytes)} ({len(row.files)} files {how})")
@@ -153,13 +161,21 @@ def show(name: str, as_json: bool, modelfile: bool) -> None:
 
 @click.command()
 @click.argument("names", nargs=-1, required=True)
-def rm(names: tuple[str, ...]) -> None:
-    """Remove models from the library (files shared with other models stay)."""
+@click.option("--force", is_flag=True, help="Remove even a model that a running server holds.")
+def rm(names: tuple[str, ...], force: bool) -> None:
+    """Remove models from the library (files shared with other models stay). A model that a running server of this
+    home holds is refused (stop it there first: `llmasos stop NAME`) unless --force."""
     from llmasos.library.manage import human_size, remove_model
     from llmasos.library.names import check_name
+    from llmasos.server.registry import servers_holding
 
     for name in names:
         check_name(name)
+        holders = [] if force else servers_holding(name)
+        if holders:
+            where = ", ".join(f"{entry['url']} (pid {entry['pid']})" for entry in holders)
+            raise click.ClickException(f"{name!r} is loaded by the running server at {where}: unload it there "
+                                       f"first (`llmasos stop {name}`), or pass --force")
     for name in names:
         freed = remove_model(name)
         click.echo(f"removed {name}" + (f" (freed {human_size(freed)})" if freed else ""))

@@ -26,8 +26,50 @@ class CLIGroup(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except (ValueError, OSError) as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_describe(exc)}", err=True)
             sys.exit(1)
+        except Exception as exc:
+            message = _storage_error(exc)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+
+
+def _describe(exc: BaseException) -> str:
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if exc.strerror and "free" in exc.strerror:  # ours: it names what, where and how much is free
+            return exc.strerror
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"the disk is full{where}: free some space and run the command again"
+    return str(exc)
+
+
+def _storage_error(exc: BaseException) -> str | None:
+    """One line for the database's and safetensors' errors (a full disk, a locked or unreachable database)."""
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover - a dependency
+        SQLAlchemyError = ()  # noqa: N806
+    if SQLAlchemyError and isinstance(exc, SQLAlchemyError):
+        from llmasos.db import database_url
+
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        url = database_url()
+        shown = url if url.startswith("sqlite") else url.split("@")[-1]  # never a password
+        if url.startswith("sqlite:///"):
+            import shutil
+            from pathlib import Path
+
+            free = shutil.disk_usage(Path(url.removeprefix("sqlite:///")).parent).free
+            if free < (1 << 20):
+                reason += f"; the disk holding it is full ({free // 1024} KB free): free some space"
+        return f"the database ({shown}) failed: {reason}"
+    if type(exc).__name__ == "SafetensorError":
+        return f"writing or reading weights failed: {exc} (is the disk full?)"
+    return None
 
 
 @click.group(cls=CLIGroup)

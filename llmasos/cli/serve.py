@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -14,6 +16,27 @@ def _default_model() -> str | None:
         return default_model_name()
     except LLMasOSError:
         return None
+
+
+def _adapters(values: tuple[str, ...]) -> dict[str, str]:
+    """--lora NAME=ADAPTER values as {name: adapter directory} (a library model's adapter, or a directory)."""
+    from llmasos.library import resolve_model
+    from llmasos.library.names import is_valid_name
+
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, _, adapter = value.partition("=")
+        if not name or not adapter:
+            raise click.BadParameter(f"{value!r}: use NAME=ADAPTER_DIR or NAME=LIBRARY_MODEL", param_hint="--lora")
+        if name in adapters:
+            raise click.BadParameter(f"two adapters are named {name!r}", param_hint="--lora")
+        if is_valid_name(adapter) and not Path(adapter).is_dir():
+            resolved = resolve_model(adapter)
+            if resolved.adapter is None:
+                raise click.BadParameter(f"library model {adapter!r} has no ADAPTER line", param_hint="--lora")
+            adapter = str(resolved.adapter)
+        adapters[name] = adapter
+    return adapters
 
 
 def _keep_alive(_ctx, _param, value: str) -> float:
@@ -34,7 +57,8 @@ def _keep_alive(_ctx, _param, value: str) -> float:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--served-model-name", default=None, help="Model id clients use (one model only).")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
 @click.option("--kv-cache-memory", default=None, help="KV cache budget per model, e.g. 2GiB.")
 @click.option("--max-num-seqs", default=256, show_default=True, type=int)
 @click.option("--quantization", type=click.Choice(["int8", "int4", "w8a8"]), default=None,
@@ -73,6 +97,14 @@ def _keep_alive(_ctx, _param, value: str) -> float:
                    "keep_alive overrides it.")
 @click.option("--max-loaded-models", default=3, show_default=True, type=click.IntRange(min=1),
               help="Models held at once; loading one more unloads the least recently used idle one.")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=ADAPTER",
+              help="Serve a LoRA adapter unmerged on the --model base as model id NAME (ADAPTER: a PEFT adapter "
+                   "directory, or a library model with an ADAPTER line); repeatable.")
+@click.option("--lora-dir", "lora_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="A directory POST /v1/load_lora_adapter may load adapters from (repeatable); library adapters "
+                   "are always allowed.")
+@click.option("--max-loras", default=8, show_default=True, type=click.IntRange(min=1),
+              help="LoRA adapters resident at once on a base (distinct adapters in one batch).")
 @click.option("--tool-call-parser", type=click.Choice(["hermes", "llama3_json", "mistral"]), default=None,
               help="The format tool calls are parsed from and forced in (default: chosen from each model's chat "
                    "template; hermes for templates without tools).")
@@ -83,8 +115,8 @@ def _keep_alive(_ctx, _param, value: str) -> float:
 def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory, max_num_seqs, quantization,
           quantization_group_size, num_threads, engine_process, max_queue, max_body_bytes, price_table,
           shutdown_timeout, allow_unauthenticated, allowed_hosts, cors_origins, timeout_keep_alive, header_timeout,
-          body_timeout, max_connections_per_client, keep_alive, max_loaded_models, tool_call_parser, log_level,
-          log_format) -> None:
+          body_timeout, max_connections_per_client, keep_alive, max_loaded_models, loras, lora_dirs, max_loras,
+          tool_call_parser, log_level, log_format) -> None:
     """Serve models over the OpenAI API (completions, chat, embeddings).
 
     The port is bound before any model loads (a port in use fails at once); models named with --model are loaded
@@ -112,15 +144,20 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
                               allowed_hosts=allowed_hosts, cors_origins=cors_origins,
                               timeout_keep_alive=timeout_keep_alive, header_timeout=header_timeout,
                               body_timeout=body_timeout, max_connections_per_client=max_connections_per_client,
-                              log_format=log_format, tool_call_parser=tool_call_parser)
+                              log_format=log_format, tool_call_parser=tool_call_parser, lora_dirs=lora_dirs)
     load_options = dict(engine_process=engine_process, dtype=dtype, device=device, quantization=quantization,
                         quantization_group_size=int(quantization_group_size or 0) or None,
-                        kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, num_threads=num_threads)
+                        kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs, num_threads=num_threads,
+                        max_loras=max_loras)
     library = not models
     names = models or tuple(name for name in (_default_model(),) if name)
     # Resolve every named model first (seconds): a misspelt name fails before the port is taken.
     specs = [resolve_spec(name, **{k: v for k, v in load_options.items() if k != "engine_process"})
              for name in names]
+    if loras:
+        if len(specs) != 1:
+            raise click.UsageError("--lora applies to a single --model (the base the adapters were trained on)")
+        specs[0] = specs[0].replace(lora_adapters=_adapters(loras))
     if len({served_model_name or spec.name for spec in specs}) != len(specs):
         raise click.UsageError("two models would be served under one name; give distinct names")
     sock = bind_socket(host, port)

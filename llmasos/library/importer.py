@@ -11,7 +11,7 @@ from typing import Any
 
 from llmasos.errors import LibraryError
 from llmasos.library import store
-from llmasos.library.names import check_name
+from llmasos.library.names import check_name, is_valid_name
 from llmasos.library.registry import LibraryModel, add_model, directory_users, get_model, replace_model, utcnow
 from llmasos.library.validate import CheckpointInfo, inspect_checkpoint
 
@@ -63,18 +63,37 @@ def collect_garbage(directory: str) -> bool:
 
 
 def import_directory(source: str | Path, name: str, *, link: bool = False, source_type: str = "local",
-                     license: str | None = None) -> tuple[LibraryModel, bool]:
+                     license: str | None = None, base: str | None = None) -> tuple[LibraryModel, bool]:
     """Import the checkpoint at `source` as `name`. Returns the new row and whether files were hard-linked.
+
+    A PEFT LoRA adapter directory becomes a model derived from its base (as a Modelfile `FROM base` + `ADAPTER dir`
+    would make it): the base is `base`, else the library model its adapter_config.json names; served merged alone, or
+    unmerged on its base (`llmasos serve --lora`). Without a base in the library it is refused with the way to add one.
 
     Everything is checked before anything is written: the name, then the checkpoint (config, every safetensors header
     against its file size, the tokenizer), then that the name is free."""
     check_name(name)
     source_dir = Path(source).expanduser()
+    if is_adapter_directory(source_dir):
+        base = base or _adapter_base(source_dir)
+        if base is not None and _library_has(base):
+            from llmasos.library.modelfile import Modelfile, create_from_modelfile
+
+            return create_from_modelfile(name, Modelfile(base=base, adapter=str(source_dir.resolve()))), False
+        if base is not None:
+            raise LibraryError(f"refused {source_dir}: it is a LoRA adapter for {base!r}, which is not in the "
+                               f"library; add it first (`llmasos pull` or `llmasos import`), then import again "
+                               "with --base NAME")
     refuse_adapter(source_dir)
     info = inspect_checkpoint(source_dir)
     if get_model(name) is not None:
         raise LibraryError(f"a model named {name!r} already exists: remove it first (`llmasos rm {name}`) or choose "
                            "another name with --name")
+    if not link:  # before a byte is copied: a full disk is named with the sizes, not found halfway
+        from llmasos.files import check_free_space
+
+        needed = sum((source_dir / relative).stat().st_size for relative in info.files)
+        check_free_space(store.root(), needed, f"importing {name!r}")
     linked_any = False
     with store.staging(name) as staged:
         hashes: dict[str, str] = {}
@@ -89,6 +108,20 @@ def import_directory(source: str | Path, name: str, *, link: bool = False, sourc
             fields["license"] = license
         row = register_staged(staged, name, hashes, source_type=source_type, **fields)
     return row, linked_any
+
+
+def is_adapter_directory(directory: Path) -> bool:
+    return not (directory / "config.json").exists() and (directory / "adapter_config.json").is_file()
+
+
+def _adapter_base(directory: Path) -> str | None:
+    """The library name adapter_config.json gives as its base, if it is one."""
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and is_valid_name(base) and _library_has(base) else None
 
 
 def refuse_adapter(directory: Path) -> None:
@@ -121,7 +154,7 @@ def refuse_adapter(directory: Path) -> None:
         f"refused {directory}: it is a LoRA adapter (adapter_config.json + adapter weights), not a model, so there "
         f"is no config.json to import; {trained_on}. {steps} a model that applies the adapter with a Modelfile "
         f"holding the two lines\n    FROM {from_name}\n    ADAPTER {directory.resolve()}\n"
-        "and `llmasos create NAME -f Modelfile`")
+        "and `llmasos create NAME -f Modelfile` — or import it again with `--base BASE`")
 
 
 def _library_has(name: str) -> bool:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,7 +313,6 @@ def _check_config(path: Path, repo: str) -> None:
 
 
 def _check_disk_space(needed: int) -> None:
-    free = shutil.disk_usage(store.downloads_dir()).free
-    if needed > free:
-        raise LibraryError(f"not enough disk space: the model needs {needed / 1e9:.2f} GB and "
-                           f"{store.root()} has {free / 1e9:.2f} GB free")
+    from llmasos.files import check_free_space
+
+    check_free_space(store.downloads_dir(), needed, "the model")

@@ -242,10 +242,12 @@ async def use_model(state: ServerState, request: Request, model_id: str, task: s
         if not await state.models.knows(model_id):
             raise not_found(model_id)
         raise forbidden(key, model_id)
-    served = await state.models.acquire(model_id, keep_alive)
+    base = state.models.base_of(model_id)  # a LoRA adapter: served unmerged on its base
+    served = await state.models.acquire(base or model_id, keep_alive)
     scope_state = request.scope.setdefault("state", {})
-    scope_state.setdefault("leases", []).append(model_id)
-    scope_state["model"] = served.id
+    scope_state.setdefault("leases", []).append(served.id)
+    scope_state["model"] = model_id
+    scope_state["lora"] = model_id if base is not None else None
     if task is not None and served.task != task:  # e.g. a completion asked of an embedding model
         message = (f"model {model_id!r} is an embedding model: it serves POST /v1/embeddings, not completions or chat"
                    if served.task == "embed" else
@@ -315,8 +317,8 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
         in memory now, which answer without a load."""
         key = request.state.key
         catalog = await run_in_threadpool(state.models.catalog)
-        return {"object": "list", "data": [model_card(model_id, slot, row) for model_id, slot, row in catalog
-                                           if key is None or key.allows(model_id)]}
+        return {"object": "list", "data": [model_card(*entry) for entry in catalog
+                                           if key is None or key.allows(entry[0])]}
 
     @protected.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
@@ -362,11 +364,13 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     return app
 
 
-def model_card(model_id: str, slot, row) -> dict:
-    """OpenAI's model object, with `loaded` and the context length (of the engine when loaded, else the library's)."""
+def model_card(model_id: str, slot, row, parent: str | None = None) -> dict:
+    """OpenAI's model object, with `loaded`, the context length (of the engine when loaded, else the library's) and,
+    for a LoRA adapter, `parent`: its base (vLLM's field), whose slot it shares."""
     served = slot.served if slot is not None else None
     created = served.created if served is not None else \
         int(row.created_at.timestamp()) if row is not None and row.created_at else 0
     max_model_len = served.max_model_len if served is not None else row.context_length if row is not None else None
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmasos",
-            "max_model_len": max_model_len, "loaded": slot is not None and slot.state == "loaded"}
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmasos", "root": model_id,
+            "parent": parent, "max_model_len": max_model_len,
+            "loaded": slot is not None and slot.state == "loaded"}

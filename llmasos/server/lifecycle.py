@@ -105,13 +105,38 @@ class ModelManager:
             raise ValueError(f"max_loaded must be at least 1, not {self.max_loaded}")
         self._loader = loader or self._load_from_source
         self._slots: dict[str, Slot] = {}
+        # LoRA adapters served unmerged, by the model id a request names: adapter -> (its base's id, its directory).
+        # They outlive their base's unloads: a base loaded again gets its adapters back.
+        self._adapters: dict[str, tuple[str, str]] = {}
         now = time.monotonic()
         for model_id, served in (models or {}).items():
             self._slots[model_id] = Slot(model_id, served.spec if served.spec is not None else model_id, FOREVER,
                                          FOREVER, pinned=True, served=served, state="loaded", last_used=now,
                                          loaded_at=time.time())
+            self._note_adapters(model_id, served)
         self._reaper: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        # Told the library names of the loaded models after every load and unload (the server registry, which
+        # `llmasos rm` reads). Called in a worker thread.
+        self.on_change: Callable[[list[str]], None] | None = None
+
+    def library_names(self) -> list[str]:
+        """The library models loaded or loading now (under their library names, whatever they are served as)."""
+        names = set()
+        for slot in self._slots.values():
+            spec = slot.served.spec if slot.served is not None else None
+            if spec is not None and spec.library:
+                names.add(spec.name)
+            elif slot.state == "loading" and isinstance(slot.source, str):
+                names.add(slot.source)
+        return sorted(names)
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                await run_in_threadpool(self.on_change, self.library_names())
+            except OSError as exc:  # the registry is advisory: a failed write must not fail a load
+                log.warning("could not update the server registry: %s", exc)
 
     # --- what is loaded -------------------------------------------------------------------------------------------
 
@@ -128,20 +153,75 @@ class ModelManager:
     def all_alive(self) -> bool:
         return all(served.async_llm.is_alive for served in self.loaded().values())
 
-    def catalog(self) -> list[tuple[str, Slot | None, Any]]:
-        """Every servable model as (id, its slot or None, its library row or None), sorted by id. Blocking when the
-        server serves the library (reads the registry)."""
+    def catalog(self) -> list[tuple[str, Slot | None, Any, str | None]]:
+        """Every servable model as (id, its slot or None, its library row or None, the base's id for a LoRA adapter
+        else None), sorted by id; an adapter shares its base's slot. Blocking when the server serves the library
+        (reads the registry)."""
         rows: dict[str, Any] = {}
         if self.library:
             from llmasos.library.registry import list_models
 
             rows = {row.name: row for row in list_models()}
         ids = sorted({*rows, *(slot.id for slot in self._slots.values() if slot.pinned or slot.state != "unloaded")})
-        return [(model_id, self._slots.get(model_id), rows.get(model_id)) for model_id in ids]
+        entries = [(model_id, self._slots.get(model_id), rows.get(model_id), None) for model_id in ids]
+        entries += [(name, self._slots.get(base), None, base) for name, (base, _) in sorted(self._adapters.items())]
+        return entries
+
+    # --- LoRA adapters ---------------------------------------------------------------------------------------------
+
+    def base_of(self, model_id: str) -> str | None:
+        """The base model id when `model_id` names a LoRA adapter, else None."""
+        entry = self._adapters.get(model_id)
+        return entry[0] if entry is not None else None
+
+    def adapters(self) -> dict[str, tuple[str, str]]:
+        return dict(self._adapters)
+
+    def _note_adapters(self, base_id: str, served: ServedModel) -> None:
+        if served.task != "generate" or not hasattr(served.llm, "list_loras"):
+            return
+        for name, path in served.llm.list_loras().items():
+            self._adapters.setdefault(name, (base_id, str(path)))
+
+    async def load_adapter(self, name: str, path: str, base_id: str) -> None:
+        """Load a LoRA adapter onto a base (loading the base when needed); served as model id `name` from now on."""
+        if name in self._slots or (self.library and name != base_id and await self.knows(name)
+                                   and name not in self._adapters):
+            raise APIError(400, f"{clip(name)!r} is the name of a model; give the adapter another name",
+                           param="lora_name")
+        known = self._adapters.get(name)
+        if known is not None and known[0] != base_id:
+            raise APIError(400, f"an adapter named {clip(name)!r} is already loaded on {known[0]!r}",
+                           param="lora_name")
+        served = await self.acquire(base_id)
+        try:
+            if served.task != "generate":
+                raise APIError(400, f"{base_id!r} is not a generating model; LoRA adapters apply to those",
+                               param="model")
+            from llmasos.engine.lora import LoRAError
+
+            try:
+                await run_in_threadpool(served.llm.load_lora, name, path)
+            except LoRAError as exc:  # its message names the directory: the client sees "lora_path" instead
+                message = str(exc).replace(str(path), "lora_path")
+                raise APIError(400, message, param="lora_path") from None
+            self._adapters[name] = (base_id, str(path))
+        finally:
+            self.release(base_id)
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Stop serving adapter `name` (requests in flight on it finish first); False when there is none."""
+        entry = self._adapters.pop(name, None)
+        if entry is None:
+            return False
+        slot = self._slots.get(entry[0])
+        if slot is not None and slot.state == "loaded" and name in slot.served.llm.list_loras():
+            await run_in_threadpool(slot.served.llm.unload_lora, name)
+        return True
 
     async def knows(self, model_id: str) -> bool:
         """Whether this server can serve `model_id` (loaded or not)."""
-        if model_id in self._slots:
+        if model_id in self._slots or model_id in self._adapters:
             return True
         return self.library and await run_in_threadpool(_library_has, model_id)
 
@@ -229,9 +309,11 @@ class ModelManager:
                 raise APIError(503, f"model {slot.id!r} could not be loaded: {clip(exc, 300)}", type="server_error",
                                code="model_load_failed") from None
             slot.served, slot.state, slot.loaded_at = served, "loaded", time.time()
+            self._note_adapters(slot.id, served)
             slot.last_used, slot.expires = time.monotonic(), None
             log.info("loaded %s in %.1f s", slot.id, time.monotonic() - started)
             self._ensure_reaper()
+            await self._changed()
         except BaseException:
             if slot.state == "loading":
                 slot.state = "unloaded"
@@ -243,6 +325,11 @@ class ModelManager:
         from llmasos.server.serving import load_served_model
 
         served = load_served_model(slot.source, slot.id, **self.load_options)
+        # Adapters loaded at run time onto this base before it was unloaded come back with it.
+        present = served.llm.list_loras() if served.task == "generate" else {}
+        for name, (base_id, path) in list(self._adapters.items()):
+            if base_id == slot.id and name not in present:
+                served.llm.load_lora(name, path)
         return served
 
     async def _make_room(self, incoming: Slot) -> None:
@@ -275,6 +362,7 @@ class ModelManager:
                 log.info("unloaded %s", slot.id)
             finally:
                 slot.state, slot.busy, slot.loaded_at = "unloaded", None, None
+            await self._changed()
 
         slot.busy = asyncio.ensure_future(unload())
         await asyncio.shield(slot.busy)

@@ -58,8 +58,9 @@ def access_text(fields: dict[str, Any]) -> str:
 
 
 class AccessLogMiddleware:
-    """Outermost: counts each request in the metrics (route template and status), times it, logs its access line once the last byte is sent (a stream's tokens are then
-    final), and releases the leases the request holds on models (so an unload waits for streams to end)."""
+    """Outermost: counts each request in the metrics (route template and status), times it, logs its access line
+    once the last byte is sent (a stream's tokens are then final), and releases the leases the request holds on
+    models (so an unload waits for streams to end)."""
 
     def __init__(self, app, state) -> None:
         self.app, self.state = app, state

@@ -45,11 +45,14 @@ class PriceTable:
                              '{"model": {"input": <$ per 1M>, "output": <$ per 1M>}}') from None
         return cls(prices)
 
-    def price(self, model: str, num_parameters: int) -> Price:
-        return self.overrides.get(model) or default_price(num_parameters)
+    def price(self, model: str, num_parameters: int, base: str | None = None) -> Price:
+        """The model's own price, else (a LoRA adapter) its base's, else the default for its size."""
+        return self.overrides.get(model) or (self.overrides.get(base) if base else None) or \
+            default_price(num_parameters)
 
-    def cost(self, model: str, num_parameters: int, prompt_tokens: int, completion_tokens: int) -> float:
-        price = self.price(model, num_parameters)
+    def cost(self, model: str, num_parameters: int, prompt_tokens: int, completion_tokens: int,
+             base: str | None = None) -> float:
+        price = self.price(model, num_parameters, base)
         return (prompt_tokens * price.input + completion_tokens * price.output) / 1e6
 
 

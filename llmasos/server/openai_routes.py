@@ -20,14 +20,13 @@ from llmasos.engine.validation import (
 )
 from llmasos.errors import TemplateError
 from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
-from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
 from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
-from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, \
-    StructuredFields
+from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, StructuredFields
 from llmasos.server.state import ServedModel, ServerState
 from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream, cancel_on_disconnect, sse
+from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
 
 # Arguments of apply_chat_template that the request sets through its own fields, never through chat_template_kwargs.
 _RESERVED_TEMPLATE_ARGS = {"messages", "add_generation_prompt", "tokenize", "chat_template", "special_tokens",
@@ -247,6 +246,7 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
         raise APIError(400, "max_tokens=0 cannot be streamed", param="max_tokens")
     _check_prompts(served, prompts, max_tokens, "prompt")
     params = _sampling(served, body, max_tokens, body.logprobs)
+    params.lora = request.state.lora
     constraint, param = _requested_constraint(body)
     await _check_constraint(state, served, constraint, param)
     params.structured_outputs = constraint
@@ -256,7 +256,7 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     scores_prompt = body.echo and body.logprobs is not None
     if scores_prompt:  # the prompt's logprobs come from the engine's own prefill of it, under its token budget
         params.prompt_logprobs = body.logprobs
-    job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission)
+    job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission, lora=params.lora)
     request.state.job = job  # for the access log: its token counts once the response is sent
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)
@@ -282,7 +282,7 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
             choices.append({"index": p * body.n + i, "text": (prompt_texts[p] if body.echo else "") + result["text"],
                             "logprobs": choice_logprobs, "finish_reason": result["finish"] or "length"})
         return JSONResponse({"id": job.request_id, "object": "text_completion", "created": created,
-                             "model": served.id, "choices": choices, "usage": job.usage()}, headers=headers)
+                             "model": job.model, "choices": choices, "usage": job.usage()}, headers=headers)
     finally:
         if not handed_to_stream:
             await job.finish()
@@ -292,7 +292,7 @@ async def _stream_completions(job: Job, body: CompletionRequest, created: int, p
     """(event, completion tokens in it) for MeteredStream, which counts the tokens once the event is sent. With echo,
     each prompt's chunk comes first — once the engine has scored the prompt, when logprobs were asked for."""
     tokenizer, n = job.served.llm.tokenizer, body.n
-    base = {"id": job.request_id, "object": "text_completion", "created": created, "model": job.served.id}
+    base = {"id": job.request_id, "object": "text_completion", "created": created, "model": job.model}
     chunk = ChunkFormat(base)
     scores_prompt = job.params.prompt_logprobs is not None
     echoed: set[int] = set() if body.echo else set(range(len(job.prompts)))
@@ -419,11 +419,13 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     _check_prompts(served, [prompt], requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(served, body, requested, top)
+    params.lora = request.state.lora
     params.structured_outputs = constraint
     _check_engine(served)
     admission, max_tokens = await _admit(state, served, request, [prompt], requested, body.n)
     params.max_tokens = max_tokens
-    job = Job(state, served, "chat.completions", f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, admission)
+    job = Job(state, served, "chat.completions", f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, admission,
+              lora=params.lora)
     request.state.job = job
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)
@@ -444,7 +446,7 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
                             "logprobs": chat_logprobs(tokenizer, r["ids"], r["logprobs"], top) if body.logprobs
                             else None})
         return JSONResponse({"id": job.request_id, "object": "chat.completion", "created": created,
-                             "model": served.id, "choices": choices, "usage": job.usage()}, headers=headers)
+                             "model": job.model, "choices": choices, "usage": job.usage()}, headers=headers)
     finally:
         await job.finish()
 
@@ -466,7 +468,7 @@ async def _stream_chat(job: Job, body: ChatCompletionRequest, created: int, pars
     the deltas add up to the non-streamed message. Tokens of held text are counted with the event that sends them."""
     tokenizer = job.served.llm.tokenizer
     top = (body.top_logprobs or 0) if body.logprobs else None
-    base = {"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": job.served.id}
+    base = {"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": job.model}
     chunk = ChunkFormat(base)
     for i in range(body.n):
         yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -152,7 +152,7 @@ class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls: {id, type, function: {name, arguments}}
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls: {id, type, function: {name, arguments}}
     tool_call_id: str | None = None  # a tool message: the call it answers
 
     @model_validator(mode="after")

@@ -228,8 +228,13 @@ def run_server(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     """Serve until SIGTERM/SIGINT: uvicorn stops accepting, drains in-flight requests up to the shutdown timeout,
     then the engines stop. `sock`: a socket bound already (bind_socket)."""
     check_bind(settings.host, settings.allow_unauthenticated)
+    from llmasos.server.registry import ServerRecord
+
     server = build_server(models, settings, log_level, own_logging=True)
     manager = server.config.app.state.llmasos.models
+    record = ServerRecord(f"http://{settings.host}:{settings.port}")  # `llmasos rm` asks it what is loaded
+    manager.on_change = record.update
+    record.update(manager.library_names())
     previous = None
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises SIGTERM once it has drained, to the handler that was there before it: make that a clean
@@ -240,6 +245,7 @@ def run_server(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
         server.run(sockets=[sock] if sock is not None else None)
     finally:
         manager.close()
+        record.remove()
         if sock is not None:
             sock.close()
         if previous is not None:

@@ -33,9 +33,11 @@ class ServerSettings:
     max_connections_per_client: int = 64  # open connections per client address; 0: no cap
     log_format: str = "text"  # access and server log lines: "text" or "json" (one object a line)
     tool_call_parser: str | None = None  # hermes, llama3_json, mistral; None: chosen from each model's chat template
+    lora_dirs: tuple[str, ...] = ()  # directories POST /v1/load_lora_adapter may read adapters from
 
     def __post_init__(self) -> None:
         self.allowed_hosts, self.cors_origins = tuple(self.allowed_hosts), tuple(self.cors_origins)
+        self.lora_dirs = tuple(str(d) for d in self.lora_dirs)
         for name in ("timeout_keep_alive", "header_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")

@@ -44,6 +44,13 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     completion_tokens: int = 0  # tokens sent to the client: the amount metered
     accounted: bool = False
+    lora: str | None = None  # the LoRA adapter the request named as its model (served unmerged on `served`)
+
+    @property
+    def model(self) -> str:
+        """The model id the request named and the response, usage row and metrics carry: the adapter's, or the
+        served model's."""
+        return self.lora or self.served.id
 
     @property
     def prompt_tokens(self) -> int:
@@ -58,10 +65,10 @@ class Job:
         if self.accounted:
             return
         self.accounted = True
-        model_id, metrics = self.served.id, self.state.metrics
+        model_id, metrics = self.model, self.state.metrics
         key = self.admission.key
         cost = self.state.settings.price_table.cost(model_id, self.served.num_parameters, self.prompt_tokens,
-                                                    self.completion_tokens)
+                                                    self.completion_tokens, base=self.served.id)
         try:
             record_usage(key.name if key else None, model_id, self.route, self.request_id, self.prompt_tokens,
                          self.completion_tokens, cost)
@@ -79,7 +86,7 @@ class Job:
         """Deltas of every prompt's request, as (prompt index, RequestOutput), interleaved as they come. Closing
         this iterator early aborts the engine requests still running."""
         last = None
-        ttft, itl = self.state.metrics.ttft.labels(self.served.id), self.state.metrics.itl.labels(self.served.id)
+        ttft, itl = self.state.metrics.ttft.labels(self.model), self.state.metrics.itl.labels(self.model)
         async with aclosing(self._deltas()) as deltas:
             async for index, item in deltas:
                 count = sum(len(o.token_ids) for o in item.outputs)

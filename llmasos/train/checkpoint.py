@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmasos.errors import LLMasOSError
+from llmasos.files import fsync_directory, fsync_tree
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -96,10 +97,7 @@ def begin(output_dir: Path, step: int) -> Path:
 
 def commit(tmp: Path, output_dir: Path, step: int, save_total_limit: int | None) -> Path:
     """fsync the files, rename the temporary directory into place, then drop the oldest checkpoints over the limit."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+    fsync_tree(tmp)
     final = output_dir / f"{PREFIX}{step}"
     if final.exists():  # a resumed run saving the same step again: move the old one aside first
         old = output_dir / f"{TMP_PREFIX}{step}-old-{os.getpid()}"
@@ -108,7 +106,7 @@ def commit(tmp: Path, output_dir: Path, step: int, save_total_limit: int | None)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_directory(output_dir)
+    fsync_directory(output_dir)
     if save_total_limit is not None:
         checkpoints = list_checkpoints(output_dir)
         for _, path in checkpoints[:max(0, len(checkpoints) - save_total_limit)]:
@@ -116,19 +114,6 @@ def commit(tmp: Path, output_dir: Path, step: int, save_total_limit: int | None)
             path.rename(doomed)  # atomic: a half-deleted checkpoint never looks complete
             shutil.rmtree(doomed, ignore_errors=True)
     return final
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- optimizer, scheduler, RNG ------------------------------------------------------------------------------------

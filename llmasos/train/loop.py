@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmasos.files import disk_full_error, is_disk_full
 from llmasos.models.attention import AttentionMetadata
 from llmasos.models.base import CausalLM
 from llmasos.threads import ThreadGovernor
@@ -166,11 +168,17 @@ class Loop:
         tmp = ckpt.temporary_path(self.output_dir, step)
         if self.ctx.is_main:
             ckpt.begin(self.output_dir, step)
-            self.write_model(tmp, _strip(model_state))
-            ckpt.save_optimizer(tmp, {"state": _strip(optimizer_state["state"]), "param_groups": [
-                {**g, "params": [_strip_name(p) for p in g["params"]]} for g in optimizer_state["param_groups"]]})
-            ckpt.save_scheduler(tmp, self.scheduler)
-            ckpt.write_state(tmp, {**self.run_state(step), "log_history": self.log_history})
+            try:
+                self.write_model(tmp, _strip(model_state))
+                ckpt.save_optimizer(tmp, {"state": _strip(optimizer_state["state"]), "param_groups": [
+                    {**g, "params": [_strip_name(p) for p in g["params"]]} for g in optimizer_state["param_groups"]]})
+                ckpt.save_scheduler(tmp, self.scheduler)
+                ckpt.write_state(tmp, {**self.run_state(step), "log_history": self.log_history})
+            except BaseException as exc:  # a full disk: no half-written checkpoint is left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                if is_disk_full(exc):
+                    raise disk_full_error(exc, f"checkpoint {step}", self.output_dir) from exc
+                raise
         barrier(self.ctx)
         ckpt.save_rng(tmp, self.ctx.rank)
         barrier(self.ctx)

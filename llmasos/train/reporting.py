@@ -4,6 +4,7 @@ TensorBoard event files when the tensorboard package is installed. Only rank 0 r
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (where a resumed run starts again; 0 for a new run in an old
+    directory), so that the curve has each step once. Rewritten aside and renamed into place."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            dropped += 1  # a line cut by a crash
+            continue
+        if isinstance(record_step, (int, float)) and record_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 class Reporter:
@@ -27,6 +50,7 @@ class Reporter:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        trim_metrics(output_dir / METRICS_FILE, start_step)
         self._metrics = (output_dir / METRICS_FILE).open("a", encoding="utf-8")
         try:  # optional: TensorBoard event files next to metrics.jsonl
             from torch.utils.tensorboard import SummaryWriter

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmasos.errors import ModelLoadError
+from llmasos.files import atomic_directory
 from llmasos.models import CausalLM, ModelConfig, load_config, model_class
 from llmasos.models.loader import load_model, read_json_file
 from llmasos.spec import ModelSpec, resolve_spec
@@ -228,22 +229,26 @@ class LLMTrainer:
         """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer, chat template,
         generation_config.json). After LoRA training: the PEFT adapter (adapter_config.json +
         adapter_model.safetensors), or with merge=True the merged full model. The weights are stored in `dtype`,
-        by default the dtype of the checkpoint this model was loaded from. Only rank 0 writes."""
+        by default the dtype of the checkpoint this model was loaded from. Only rank 0 writes. `out_dir` is
+        replaced whole, atomically (it must be new, empty, or a model directory)."""
         out = Path(out_dir)
         if not self._is_main:
             return out
         torch_dtype = _as_dtype(dtype) if dtype is not None else self.save_dtype
-        if self.lora_settings and not merge:
-            out.mkdir(parents=True, exist_ok=True)
-            self._write_adapter(out, self.model.state_dict())
-            self.tokenizer.save(out)
-            return out
-        model = self.model
-        if self.lora_settings:
-            model = copy.deepcopy(self.model)
-            lora.merge_lora(model)
-        return export_model(model.state_dict(), self.config, self.tokenizer, out, dtype=torch_dtype,
-                            existing_generation_config=self.generation_config)
+        # Built aside and renamed into place: a crash or a full disk never leaves a half-written `out`, and a
+        # previous model there stays intact until the new one is complete.
+        with atomic_directory(out) as staged:
+            if self.lora_settings and not merge:
+                self._write_adapter(staged, self.model.state_dict())
+                self.tokenizer.save(staged)
+            else:
+                model = self.model
+                if self.lora_settings:
+                    model = copy.deepcopy(self.model)
+                    lora.merge_lora(model)
+                export_model(model.state_dict(), self.config, self.tokenizer, staged, dtype=torch_dtype,
+                             existing_generation_config=self.generation_config)
+        return out
 
 
 def _embedding_tensor(model: CausalLM, state: dict[str, torch.Tensor]) -> torch.Tensor:

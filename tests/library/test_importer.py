@@ -214,13 +214,21 @@ def test_import_of_an_adapter_without_a_recorded_base(cli, home, workdir):
     assert _list(cli) == []
 
 
-def test_import_of_an_adapter_of_a_library_model_names_it(cli, checkpoint, workdir):
+def test_import_of_an_adapter_of_a_library_model_makes_a_derived_model(cli, checkpoint, workdir):
+    """Issue 15: an adapter whose base is in the library (named by adapter_config.json, or by --base) is imported as
+    a model FROM that base with the ADAPTER; it generates differently from the base."""
     assert cli("import", str(checkpoint), "--name", "base:v1").exit_code == 0
-    adapter = workdir / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
-                                                             "base:v1"}))
-    result = cli("import", str(adapter), "--name", "tuned")
-    assert result.exit_code == 1
-    message = " ".join(result.stderr.split())
-    assert "FROM base:v1 ADAPTER" in message and "llmasos pull" not in message
+    adapter = _peft_adapter(checkpoint, workdir / "adapter")  # its config names the checkpoint's path
+    result = cli("import", str(adapter), "--name", "tuned", "--base", "base:v1")
+    assert result.exit_code == 0, result.output
+    assert "a LoRA adapter on base:v1" in result.stdout and "--lora tuned=tuned" in result.stdout
+    shown = json.loads(cli("show", "tuned", "--json").stdout)
+    assert shown["source"]["base"] == "base:v1" and shown["adapter"]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert LLM.load("tuned").generate("To be", params)[0].token_ids != LLM.load("base:v1").generate(
+        "To be", params)[0].token_ids
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "base:v1"}))
+    assert cli("import", str(adapter), "--name", "tuned2").exit_code == 0  # the base from adapter_config.json
+    missing = cli("import", str(adapter), "--name", "tuned3", "--base", "nope")
+    assert missing.exit_code == 1 and "'nope', which is not in the library" in " ".join(missing.stderr.split())
