@@ -75,6 +75,7 @@ class Run:
                                                                    lora=lora))
                     for (prompt, n), lora in zip(requests, loras, strict=True)]
         self.seconds = 0.0
+        self.cpu_seconds = 0.0  # this thread's CPU time: with one torch thread, the step's work itself
         self.step_seconds: list[float] = []
 
     @property
@@ -85,15 +86,18 @@ class Run:
 def interleaved(runs: list[Run], device: str) -> None:
     """Step every unfinished run in turn, timing each step: a busy machine slows all of them alike, which
     back-to-back runs (seconds apart) cannot promise."""
+    turn = 0
     while not all(run.done for run in runs):
-        for run in runs:
+        turn += 1
+        for run in runs[turn % len(runs):] + runs[:turn % len(runs)]:  # who goes first rotates
             if run.done:
                 continue
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             run.engine.step()
             sync(device)
             elapsed = time.perf_counter() - start
+            run.cpu_seconds += time.thread_time() - cpu_start
             run.seconds += elapsed
             run.step_seconds.append(elapsed)
 
@@ -148,13 +152,16 @@ def main() -> None:
     interleaved([Run(base, warm, [None] * 8), Run(unused, warm, warm_loras), Run(served, warm, warm_loras)],
                 args.device)
     results: dict[str, list[float]] = {"base": [], "loaded_unused": [], "mixed_4": []}
+    cpu_results: dict[str, list[float]] = {key: [] for key in results}
     for repeat in range(args.repeats):
         runs = {"base": Run(base, requests, base_only), "loaded_unused": Run(unused, requests, base_only),
                 "mixed_4": Run(served, requests, mixed)}
         interleaved(list(runs.values()), args.device)
         for key, run in runs.items():
             results[key].append(run.num_tokens / run.seconds)
-        print(f"repeat {repeat}: " + ", ".join(f"{key} {values[-1]:.1f} tok/s" for key, values in results.items()),
+            cpu_results[key].append(run.num_tokens / run.cpu_seconds)
+        print(f"repeat {repeat}: " + ", ".join(f"{key} {values[-1]:.1f} tok/s" for key, values in results.items())
+              + "; per CPU second: " + ", ".join(f"{key} {values[-1]:.1f}" for key, values in cpu_results.items()),
               flush=True)
     medians = {key: median(values) for key, values in results.items()}
     for llm in (base, unused, served):
@@ -180,15 +187,20 @@ def main() -> None:
                      f"{medians[key]:.1f}  [{', '.join(f'{v:.1f}' for v in results[key])}]"))
     ratios = {key: [value / base_value for value, base_value in zip(results[key], results["base"], strict=True)]
               for key in ("loaded_unused", "mixed_4")}
+    cpu_ratios = {key: [value / base_value for value, base_value in zip(cpu_results[key], cpu_results["base"],
+                                                                        strict=True)]
+                  for key in ("loaded_unused", "mixed_4")}
     for key, label in (("loaded_unused", "loaded-unused / base"), ("mixed_4", "mixed over 4 adapters / base")):
         rows.append((f"{label}: ratio of medians; median of per-repeat ratios",
                      f"{medians[key] / medians['base']:.3f}; {median(ratios[key]):.3f}  "
                      f"[{', '.join(f'{r:.3f}' for r in ratios[key])}]"))
+        rows.append((f"{label}, per CPU second of the stepping thread: median of per-repeat ratios",
+                     f"{median(cpu_ratios[key]):.3f}  [{', '.join(f'{r:.3f}' for r in cpu_ratios[key])}]"))
     for distinct, ms in steps.items():
         rows.append((f"decode step, 16 rows, {distinct} distinct adapters (ms)", f"{ms:.1f}"))
     print_table("LoRA adapters served unmerged", rows)
     save_json(args.json, {"shape": shape, "rank": args.rank, "throughput": results, "medians": medians,
-                          "ratios": ratios,
+                          "ratios": ratios, "cpu_throughput": cpu_results, "cpu_ratios": cpu_ratios,
                           "decode_ms": steps})
 
 
