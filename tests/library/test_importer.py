@@ -225,8 +225,10 @@ def test_import_of_an_adapter_of_a_library_model_makes_a_derived_model(cli, chec
     shown = json.loads(cli("show", "tuned", "--json").stdout)
     assert shown["source"]["base"] == "base:v1" and shown["adapter"]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    assert LLM.load("tuned").generate("To be", params)[0].token_ids != LLM.load("base:v1").generate(
-        "To be", params)[0].token_ids
+    tuned, base = LLM.load("tuned", dtype="float32"), LLM.load("base:v1", dtype="float32")
+    assert tuned.prompt_logprobs(tuned.tokenizer.encode("To be or not")) != \
+        base.prompt_logprobs(base.tokenizer.encode("To be or not"))  # the adapter changes the model
+    assert tuned.generate("To be", params)[0].token_ids  # and it generates
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "base:v1"}))
     assert cli("import", str(adapter), "--name", "tuned2").exit_code == 0  # the base from adapter_config.json

@@ -141,7 +141,8 @@ def test_kind_comes_from_the_spec(cli, workdir, checkpoint):
     embed = pipeline("embeddings", model=spec)
     assert isinstance(embed.model, Embedder) and embed.model.spec == spec
     assert next(embed.model.model.parameters()).dtype == torch.float32  # "auto" is float32 for embeddings
-    with pytest.raises(ModelLoadError, match="encoder is an encoder model; the trainer trains decoder-only models"):
-        LLMTrainer.from_pretrained("encoder")
+    trainer = LLMTrainer.from_pretrained("encoder")  # an encoder trains with objective mlm or classification (#18)
+    with pytest.raises(ValueError, match="(?i)mlm|classification|encoder"):
+        trainer.train([{"text": "hello there"}] * 4)
     result = cli("run", "encoder", "hi")
     assert result.exit_code == 1 and "encoder is an embedding model" in result.stderr
