@@ -21,7 +21,7 @@ from llmasos.server.serving import Service, free_port, load_served_model
 from llmasos.server.state import ServerSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from test_lora import ATTENTION, ALL_LINEAR, peft_adapter  # noqa: E402  (the engine tests' PEFT adapter maker)
+from test_lora import ALL_LINEAR, ATTENTION, peft_adapter  # noqa: E402  (the engine tests' PEFT adapter maker)
 
 BASE = "base"
 PROMPT = "To be, or not"
