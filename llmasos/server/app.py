@@ -3,6 +3,7 @@ GET /health, and the model, usage, health and metrics routes (generation routes 
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -242,8 +243,12 @@ async def use_model(state: ServerState, request: Request, model_id: str, task: s
         if not await state.models.knows(model_id):
             raise not_found(model_id)
         raise forbidden(key, model_id)
+    await state.models.adopt_derived(model_id)  # a library model with an ADAPTER line whose base is loaded
     base = state.models.base_of(model_id)  # a LoRA adapter: served unmerged on its base
     served = await state.models.acquire(base or model_id, keep_alive)
+    derived = state.models.adapter_spec(model_id)
+    if derived is not None:  # the derived model's own system prompt, template and defaults, on the base's engine
+        served = dataclasses.replace(served, spec=derived)
     scope_state = request.scope.setdefault("state", {})
     scope_state.setdefault("leases", []).append(served.id)
     scope_state["model"] = model_id

@@ -108,6 +108,9 @@ class ModelManager:
         # LoRA adapters served unmerged, by the model id a request names: adapter -> (its base's id, its directory).
         # They outlive their base's unloads: a base loaded again gets its adapters back.
         self._adapters: dict[str, tuple[str, str]] = {}
+        # Library models made FROM a base with an ADAPTER line, served unmerged on their base while it is loaded:
+        # their own spec (SYSTEM, PARAMETERs, TEMPLATE) applies to their requests.
+        self._adapter_specs: dict[str, Any] = {}
         now = time.monotonic()
         for model_id, served in (models or {}).items():
             self._slots[model_id] = Slot(model_id, served.spec if served.spec is not None else model_id, FOREVER,
@@ -163,7 +166,8 @@ class ModelManager:
 
             rows = {row.name: row for row in list_models()}
         ids = sorted({*rows, *(slot.id for slot in self._slots.values() if slot.pinned or slot.state != "unloaded")})
-        entries = [(model_id, self._slots.get(model_id), rows.get(model_id), None) for model_id in ids]
+        entries = [(model_id, self._slots.get(model_id), rows.get(model_id), None) for model_id in ids
+                   if model_id not in self._adapters]
         entries += [(name, self._slots.get(base), None, base) for name, (base, _) in sorted(self._adapters.items())]
         return entries
 
@@ -183,10 +187,43 @@ class ModelManager:
         for name, path in served.llm.list_loras().items():
             self._adapters.setdefault(name, (base_id, str(path)))
 
-    async def load_adapter(self, name: str, path: str, base_id: str) -> None:
-        """Load a LoRA adapter onto a base (loading the base when needed); served as model id `name` from now on."""
-        if name in self._slots or (self.library and name != base_id and await self.knows(name)
-                                   and name not in self._adapters):
+    def adapter_spec(self, name: str) -> Any:
+        """The spec of a library model served as an adapter on its base (None for plain adapters)."""
+        return self._adapter_specs.get(name)
+
+    async def adopt_derived(self, model_id: str) -> None:
+        """A library model made FROM a base with an ADAPTER line, asked for while that base is loaded, is served
+        unmerged on the base (one copy of the weights) instead of loading a merged copy. Nothing happens otherwise."""
+        own = self._slots.get(model_id)
+        if not self.library or model_id in self._adapters or (own is not None and (own.pinned
+                                                                                 or own.state != "unloaded")):
+            return  # not a library server, known already, or loaded merged on its own now
+        candidates = [slot for slot in self._slots.values() if slot.state == "loaded" and slot.served is not None
+                      and slot.served.task == "generate" and slot.served.spec is not None
+                      and slot.served.spec.library]
+        if not candidates:
+            return
+        row = await run_in_threadpool(_library_row, model_id)
+        if row is None or not row.adapter or not row.base_name:
+            return
+        base = next((slot for slot in candidates if slot.served.spec.name == row.base_name), None)
+        if base is None:
+            return
+        from llmasos.spec import resolve_spec
+
+        spec = await run_in_threadpool(resolve_spec, model_id)
+        if not spec.adapters or spec.quantization != base.served.spec.quantization:
+            return
+        if (own := self._slots.get(model_id)) is not None and own.state == "unloaded" and not own.pinned:
+            del self._slots[model_id]  # from now on an adapter of the base
+        await self.load_adapter(model_id, spec.adapters[0], base.id, derived=True)
+        self._adapter_specs[model_id] = spec
+
+    async def load_adapter(self, name: str, path: str, base_id: str, *, derived: bool = False) -> None:
+        """Load a LoRA adapter onto a base (loading the base when needed); served as model id `name` from now on.
+        `derived`: the library model `name` itself (adopt_derived), whose name it takes over."""
+        if not derived and (name in self._slots or (self.library and name != base_id and await self.knows(name)
+                                                    and name not in self._adapters)):
             raise APIError(400, f"{clip(name)!r} is the name of a model; give the adapter another name",
                            param="lora_name")
         known = self._adapters.get(name)
@@ -212,6 +249,7 @@ class ModelManager:
     async def unload_adapter(self, name: str) -> bool:
         """Stop serving adapter `name` (requests in flight on it finish first); False when there is none."""
         entry = self._adapters.pop(name, None)
+        self._adapter_specs.pop(name, None)
         if entry is None:
             return False
         slot = self._slots.get(entry[0])
@@ -414,6 +452,13 @@ class ModelManager:
 def not_found(model_id: str) -> APIError:
     return APIError(404, f"the model {clip(model_id)!r} does not exist; GET /v1/models lists the models this server "
                     "can serve", param="model", code="model_not_found")
+
+
+def _library_row(name: str):
+    from llmasos.library.names import is_valid_name
+    from llmasos.library.registry import get_model
+
+    return get_model(name) if is_valid_name(name) else None
 
 
 def _library_has(name: str) -> bool:

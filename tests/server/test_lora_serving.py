@@ -21,7 +21,7 @@ from llmasos.server.serving import Service, free_port, load_served_model
 from llmasos.server.state import ServerSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from test_lora import ATTENTION, ALL_LINEAR, peft_adapter  # noqa: E402  (the engine tests' PEFT adapter maker)
+from test_lora import ALL_LINEAR, ATTENTION, peft_adapter  # noqa: E402  (the engine tests' PEFT adapter maker)
 
 BASE = "base"
 PROMPT = "To be, or not"
@@ -199,3 +199,34 @@ def test_serve_lora_flag_serves_adapters_on_the_base(made, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llmasos", "serve", "--model", str(made["base"]), "--lora", "oops"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "NAME=ADAPTER_DIR" in bad.stderr
+
+
+def test_a_library_model_with_an_adapter_is_served_unmerged_while_its_base_is_loaded(made, tmp_path, monkeypatch):
+    """Issue 15: a Modelfile ADAPTER model whose base is being served runs on the base's engine as an adapter (one
+    copy of the weights), with its own SYSTEM and PARAMETERs; with the base not loaded it loads merged on its own."""
+    from llmasos.library.importer import import_directory
+    from llmasos.library.modelfile import create_model
+
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+    import_directory(made["base"], "base")
+    create_model("tuned", f"FROM base\nADAPTER {made['support']}\nSYSTEM You are terse.\nPARAMETER temperature 0\n")
+    manager = ModelManager(library=True, load_options={"dtype": "float32"}, max_loaded=3)
+    with Service(manager, ServerSettings(host="127.0.0.1", port=free_port())) as running:
+        def ask(model: str) -> str:
+            response = httpx.post(running.base_url + "/v1/chat/completions", timeout=60, json={
+                "model": model, "max_tokens": 6, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "To be"}]})
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        merged = ask("tuned")  # base not loaded: tuned loads on its own, merged
+        ps = {e["name"] for e in httpx.get(running.base_url + "/api/ps").json()["models"]}
+        assert ps == {"tuned"}
+        assert httpx.post(running.base_url + "/api/stop", json={"model": "tuned"}).status_code == 200
+        ask("base")
+        unmerged = ask("tuned")  # now on the base's engine
+        ps = {e["name"] for e in httpx.get(running.base_url + "/api/ps").json()["models"]}
+        assert ps == {"base"}
+        assert unmerged == merged
+        cards = {c["id"]: c for c in httpx.get(running.base_url + "/v1/models").json()["data"]}
+        assert cards["tuned"]["parent"] == "base"
