@@ -83,16 +83,7 @@ def _run(task, model: str | None, endpoint: str | None, api_key: str | None, dty
                               progress=lambda done, total: bar.update(progress_id, completed=done, total=total))
         finally:
             backend.close()
-    text = json.dumps(report, indent=2, ensure_ascii=False)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n", encoding="utf-8")
-    if as_json:
-        click.echo(text)
-    else:
-        from llmasos.cli import table_console
-
-        table_console().print(_table(report))
+    _emit(report, output, as_json)
 
 
 @click.group("eval")
@@ -190,16 +181,7 @@ def classification_command(data: Path, batch_size: int, model: str | None, endpo
               "settings": {"labels": ", ".join(classifier.labels), "batch_size": batch_size},
               "started_at": started_at, "seconds": round(time.perf_counter() - start, 3),
               "llmasos_version": __version__}
-    text = json.dumps(report, indent=2, ensure_ascii=False)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n", encoding="utf-8")
-    if as_json:
-        click.echo(text)
-    else:
-        from llmasos.cli import table_console
-
-        table_console().print(_table(report))
+    _emit(report, output, as_json)
 
 
 @eval_group.command("run")
@@ -214,3 +196,17 @@ def run_command(task_file: Path, **common) -> None:
 
 def register(cli: click.Group) -> None:
     cli.add_command(eval_group)
+
+
+def _emit(report: dict, output: Path | None, as_json: bool) -> None:
+    """Write the report to --output (JSON), then print it as JSON or as a table."""
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n", encoding="utf-8")
+    if as_json:
+        click.echo(text)
+    else:
+        from llmasos.cli import table_console
+
+        table_console().print(_table(report))
