@@ -49,14 +49,21 @@ def admin_key(console_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
+def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
+    # The browser's profile, caches and crash reports go to a temporary home: a test run never writes into the
+    # user's home (the CI checks it stays byte-identical).
+    browser_home = tmp_path_factory.mktemp("browser-home")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1280,900", "--no-first-run", "--disable-extensions"):
+                     "--window-size=1280,900", "--no-first-run", "--disable-extensions",
+                     f"--user-data-dir={browser_home / 'profile'}", "--disable-crash-reporter",
+                     "--disable-breakpad"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
+    environment = {**os.environ, "HOME": str(browser_home), "XDG_CONFIG_HOME": str(browser_home / "config"),
+                   "XDG_CACHE_HOME": str(browser_home / "cache")}
+    driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER, env=environment))
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
