@@ -236,7 +236,29 @@ def forbidden(key: KeyInfo, model_id: str) -> APIError:
                     param="model", code="model_not_allowed")
 
 
-async def use_model(state: ServerState, request: Request, model_id: str, task: str | None = None,
+_SERVES = {"embed": "is an embedding model: it serves POST /v1/embeddings (and /v1/score, /v1/rerank)",
+           "classify": "is a sequence classifier: it serves POST /classify (and, with one label, /v1/score and "
+                       "/v1/rerank)",
+           "generate": "generates text: it serves completions and chat"}
+_WANTED = {("generate",): "completions or chat", ("embed",): "embeddings", ("classify",): "classification"}
+
+
+def wrong_kind_message(model_id: str, served_task: str, wanted: tuple[str, ...]) -> str:
+    """The 400 for a route asked of the wrong kind of model, naming the routes the model does serve."""
+    if served_task == "generate" and wanted == ("embed",):
+        return (f"model {model_id!r} generates text and has no embeddings; serve an encoder (a BERT-family "
+                "sentence-transformers model) for POST /v1/embeddings")
+    if served_task == "generate" and wanted == ("classify",):
+        return (f"model {model_id!r} generates text and is not a sequence classifier; serve a "
+                "*ForSequenceClassification checkpoint for POST /classify")
+    if served_task == "generate":
+        return (f"model {model_id!r} generates text and cannot score text pairs; serve a cross-encoder (a one-label "
+                "sequence classifier) or an embedding model for POST /v1/score and /v1/rerank")
+    serves = _SERVES.get(served_task, f"serves {served_task!r} requests")
+    return f"model {model_id!r} {serves}, not {_WANTED.get(wanted, 'scores')}"
+
+
+async def use_model(state: ServerState, request: Request, model_id: str, task: str | tuple[str, ...] | None = None,
                     keep_alive: float | None = None) -> ServedModel:
     """The model a request names, loaded (waiting for its load when needed), leased to the request until its last
     byte is sent (AccessLogMiddleware releases the lease). 404 for a model this server cannot serve, 403 for one the
@@ -256,12 +278,10 @@ async def use_model(state: ServerState, request: Request, model_id: str, task: s
     scope_state.setdefault("leases", []).append(served.id)
     scope_state["model"] = model_id
     scope_state["lora"] = model_id if base is not None else None
-    if task is not None and served.task != task:  # e.g. a completion asked of an embedding model
-        message = (f"model {model_id!r} is an embedding model: it serves POST /v1/embeddings, not completions or chat"
-                   if served.task == "embed" else
-                   f"model {model_id!r} generates text and has no embeddings; serve an encoder (a BERT-family "
-                   "sentence-transformers model) for POST /v1/embeddings")
-        raise APIError(400, message, param="model", code="model_not_supported")
+    wanted = (task,) if isinstance(task, str) else task
+    if wanted is not None and served.task not in wanted:  # e.g. a completion asked of an embedding model
+        raise APIError(400, wrong_kind_message(model_id, served.task, wanted), param="model",
+                       code="model_not_supported")
     return served
 
 
@@ -356,6 +376,9 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     from llmasos.server.embeddings_routes import add_embedding_routes
 
     add_embedding_routes(protected, state)
+    from llmasos.server.score_routes import add_score_routes
+
+    add_score_routes(protected, state)
     from llmasos.server.tokenize_routes import add_tokenize_routes
 
     add_tokenize_routes(protected, state)

@@ -182,6 +182,40 @@ class ChatCompletionRequest(SamplingFields, StructuredFields):
     parallel_tool_calls: bool = True
 
 
+class ClassifyRequest(KeepAlive):
+    """vLLM's POST /classify: one text or a list of texts for a sequence classifier."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    input: str | list[str]
+    user: str | None = None
+
+
+class ScoreRequest(KeepAlive):
+    """vLLM's POST /v1/score: text_1 against text_2 (one to many, or pairwise for equal-length lists)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    text_1: str | list[str]
+    text_2: str | list[str]
+    user: str | None = None
+
+
+class RerankRequest(KeepAlive):
+    """Jina's / Cohere's POST /v1/rerank: documents ordered by relevance to a query."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    return_documents: bool = True
+    user: str | None = None
+
+
 class EmbeddingRequest(KeepAlive):
     model_config = ConfigDict(extra="ignore", strict=True)
 

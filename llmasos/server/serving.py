@@ -48,6 +48,10 @@ def load_served_model(name_or_path: str | Path | ModelSpec, served_name: str | N
 
     spec = resolve_spec(name_or_path, **options)
     model_id = served_name or spec.name
+    from llmasos.server.score_routes import is_classifier_directory, load_classifier_model
+
+    if is_classifier_directory(spec.directory):  # *ForSequenceClassification: /classify, /v1/score, no engine
+        return load_classifier_model(model_id, spec)
     if spec.kind == "encoder":  # served on /v1/embeddings, without an engine
         from llmasos.server.embeddings_routes import load_embedding_model
 

@@ -57,7 +57,9 @@ class ServedModel:
     async_llm: Any  # llmasos.engine.async_llm.AsyncLLM
     spec: Any = None  # llmasos.spec.ModelSpec
     created: int = field(default_factory=lambda: int(time.time()))
-    task: str = "generate"  # "embed": an encoder on /v1/embeddings; llm and async_llm are then an EmbeddingService
+    # "embed": an encoder on /v1/embeddings, llm and async_llm an EmbeddingService; "classify": a sequence classifier
+    # on /classify (and /v1/score, /v1/rerank), llm and async_llm a ClassifierService
+    task: str = "generate"
 
     @property
     def path(self) -> Path | None:
@@ -73,11 +75,16 @@ class ServedModel:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.max_model_len if self.task == "embed" else self.llm.engine.max_model_len
+        return self.llm.max_model_len if self.task != "generate" else self.llm.engine.max_model_len
 
     @property
     def num_parameters(self) -> int:
-        return self.llm.model.num_parameters() if self.task == "embed" else self.llm.num_parameters
+        if self.task == "generate":
+            return self.llm.num_parameters
+        model = self.llm.model
+        if hasattr(model, "num_parameters"):  # an encoder's own count
+            return model.num_parameters()
+        return sum(p.numel() for p in model.parameters())
 
 
 class ServerMetrics:
