@@ -1,6 +1,7 @@
 """No database statement runs on the event loop: a listener on the engine records every statement executed on a
 thread that is running an asyncio loop, while a keyed server (with limits on the key) answers completions (streamed
-and not), chat, embeddings, /v1/models, /v1/usage, refused requests and 429s, on SQLite and PostgreSQL."""
+and not), chat, embeddings, scores, reranking, /v1/models, /v1/usage, refused requests and 429s, on SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ def test_no_database_call_runs_on_the_event_loop(watched):
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         assert client.post("/v1/chat/completions", json=chat).status_code == 200
         assert client.post("/v1/embeddings", json={"model": ENCODER, "input": "to be"}).status_code == 200
+        score = {"model": ENCODER, "text_1": "to be", "text_2": ["or not", "to be"]}
+        assert client.post("/v1/score", json=score).status_code == 200
+        rerank = {"model": ENCODER, "query": "to be", "documents": ["or not", "to be"], "top_n": 1}
+        assert client.post("/v1/rerank", json=rerank).status_code == 200
+        assert client.post("/classify", json={"model": ENCODER, "input": "x"}).status_code == 400
         assert client.get("/v1/usage").status_code == 200
         assert client.post("/v1/completions", json={"model": MODEL}).status_code == 400
         assert client.get("/v1/models", headers={"Authorization": "Bearer sk-llmasos-" + "x" * 43}).status_code == 401

@@ -13,7 +13,11 @@ from conftest import assert_error, create_key, start_service
 from encoders_support import bert_tokenizer, minilm_dir, reference_embeddings
 from support import VOCAB_SIZE, family_config, hf_tokenizer
 
+from llmasos.library.importer import import_directory
 from llmasos.server.auth import usage_summary
+from llmasos.server.lifecycle import ModelManager
+from llmasos.server.serving import Service, free_port
+from llmasos.server.state import ServerSettings
 
 BERT, QWEN, CROSS, ENCODER, DECODER = "bert-cls", "qwen-cls", "cross", "minilm", "tiny"
 TEXTS = ["the quick brown fox", "to be or not to be", "operating systems schedule processes", "sea of troubles"]
@@ -164,6 +168,25 @@ def test_wrong_kind_of_model_and_bad_bodies_are_400(service):
     assert assert_error(post(service, "/v1/rerank", {"model": CROSS, "query": "q", "documents": ["a"], "top_n": 0}),
                         400)["param"] == "top_n"
     assert_error(post(service, "/classify", {"model": "nope", "input": "x"}), 404, code="model_not_found")
+
+
+def test_a_library_classifier_loads_on_demand(home, directories):
+    """ModelManager loads a classifier from the library on its first request; /api/ps reports its weights."""
+    import_directory(directories[BERT], "library-cls")
+    manager = ModelManager(library=True, load_options={"dtype": "float32"}, max_loaded=2, keep_alive=60.0)
+    library = Service(manager, ServerSettings(host="127.0.0.1", port=free_port())).start()
+    try:
+        body = post(library, "/classify", {"model": "library-cls", "input": TEXTS}).json()
+        expected = torch.softmax(hf_logits(directories[BERT], TEXTS), dim=-1)
+        assert torch.allclose(torch.tensor([row["probs"] for row in body["data"]]), expected, atol=1e-5)
+        entry = {m["name"]: m for m in httpx.get(library.base_url + "/api/ps").json()["models"]}["library-cls"]
+        import transformers as tf
+
+        reference = tf.AutoModelForSequenceClassification.from_pretrained(directories[BERT])
+        weights = sum(p.numel() * 4 for p in reference.parameters())  # float32; the pooler is part of the head
+        assert entry["weight_bytes"] == weights and entry["kv_cache_bytes"] == 0 and entry["state"] == "loaded"
+    finally:
+        library.stop()
 
 
 def test_keys_allow_lists_and_metering(service):
