@@ -117,7 +117,7 @@ def serve(models, host, port, served_model_name, dtype, device, kv_cache_memory,
           shutdown_timeout, allow_unauthenticated, allowed_hosts, cors_origins, timeout_keep_alive, header_timeout,
           body_timeout, max_connections_per_client, keep_alive, max_loaded_models, loras, lora_dirs, max_loras,
           tool_call_parser, log_level, log_format) -> None:
-    """Serve models over the OpenAI API (completions, chat, embeddings).
+    """Serve models over the OpenAI API (completions, chat, embeddings; classify, score and rerank).
 
     The port is bound before any model loads (a port in use fails at once); models named with --model are loaded
     next, and the server serves them only; without --model it serves every library model by name."""
