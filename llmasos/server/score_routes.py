@@ -159,7 +159,8 @@ def _scorer(served: ServedModel, param: str) -> Scorer:
         def run() -> list[float]:
             vectors_1 = service.encode_ids(ids_1, length_1)
             vectors_2 = service.encode_ids(ids_2, length_2)
-            rows = torch.stack([vectors_1[unique_first.index(text)] for text in first])
+            position = {text: i for i, text in enumerate(unique_first)}  # a repeated text_1 is embedded once
+            rows = vectors_1[[position[text] for text in first]]
             return torch.nn.functional.cosine_similarity(rows, vectors_2, dim=-1).tolist()
 
         return ids_1 + ids_2, tokens, run
