@@ -40,6 +40,27 @@ def test_the_manifests_cover_a_deployment():
     assert [c["args"] for c in deployment["initContainers"] if c["name"] == "migrate"] == [["db", "upgrade"]]
 
 
+def test_the_training_job_runs_torchrun_nodes_through_one_rendezvous():
+    """The multi-node training Job: one torchrun node per completion index, all meeting at pod 0 through the
+    headless Service, with the run directory on a volume every pod shares."""
+    job = next(d for _, d in documents() if d["kind"] == "Job")
+    service = next(d for _, d in documents() if d["kind"] == "Service" and d["metadata"]["name"] == "llmasos-train")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    option = dict(zip(args, args[1:], strict=False))
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == int(option["--nnodes"])
+    assert option["--rdzv-backend"] == "c10d"
+    assert option["--rdzv-endpoint"] == f"{job['metadata']['name']}-0.{pod['subdomain']}:29400"
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    rank = next(e for e in pod["containers"][0]["env"] if e["name"] == "NODE_RANK")
+    assert option["--node-rank"] == "$(NODE_RANK)"
+    assert "job-completion-index" in rank["valueFrom"]["fieldRef"]["fieldPath"]
+    claim = next(d for _, d in documents() if d["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert option["--output"].startswith(pod["containers"][0]["volumeMounts"][0]["mountPath"])
+
+
 def test_compose_runs_postgres_two_replicas_and_a_load_balancer():
     compose = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())
     services = compose["services"]

@@ -184,12 +184,17 @@ def save_rng(directory: Path, rank: int) -> None:
                                                       encoding="utf-8")
 
 
-def load_rng(directory: Path, rank: int) -> None:
+def load_rng(directory: Path, rank: int, same_world_size: bool = True) -> None:
+    """This rank's saved RNG streams. When the number of processes changed, the old ranks' streams no longer map
+    onto the new ones (each drew its dropout masks for its own part of the global batch): every rank then takes
+    rank 0's, as every rank of a new run starts from the same seed. Without dropout (or other random layers) that
+    changes nothing; with it the masks, though still random and seeded, differ from the uninterrupted run's."""
     directory = _state_dir(directory)
+    if not same_world_size:
+        rank = 0
     path = directory / f"rng_state_{rank}.safetensors"
     if not path.is_file():
-        raise CheckpointError(f"{directory} has no RNG state for rank {rank}: it was saved by a run with fewer "
-                              "processes; resume with the same number of processes")
+        raise CheckpointError(f"{directory} has no RNG state for rank {rank}: the checkpoint is incomplete")
     tensors = load_file(str(path))
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():

@@ -199,7 +199,7 @@ class Loop:
             if state.get(key) != now:
                 raise ckpt.CheckpointError(
                     f"cannot resume from {directory}: it was saved with {key}={state.get(key)!r} but this run has "
-                    f"{key}={now!r}; resume with the same data, batch size and method")
+                    f"{key}={now!r}; resume with the same data, (global) batch size and method")
         optimizer_state = ckpt.load_optimizer(directory)
         optimizer_state = {"state": {f"model.{k}": v for k, v in optimizer_state["state"].items()},
                            "param_groups": [{**g, "params": [f"model.{p}" for p in g["params"]]}
@@ -207,7 +207,10 @@ class Loop:
         load_full_state_dicts(self.module, self.optimizer, {f"model.{k}": v for k, v in model_state.items()},
                               optimizer_state)
         ckpt.load_scheduler(directory, self.scheduler)
-        ckpt.load_rng(directory, self.ctx.rank)
+        # The data position is the step (a seeded permutation per epoch, cut into global batches), so another
+        # number of processes with the same global batch continues the same run.
+        saved_world_size = state.get("world_size", self.ctx.world_size)
+        ckpt.load_rng(directory, self.ctx.rank, same_world_size=saved_world_size == self.ctx.world_size)
         self.log_history = list(state.get("log_history", []))
         return int(state["global_step"])
 

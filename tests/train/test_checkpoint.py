@@ -141,3 +141,23 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     resumed = load_file(str(run / "final" / "model.safetensors"))
     expected = load_file(str(straight / "final" / "model.safetensors"))
     assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+
+
+def test_rng_state_per_rank_and_after_a_change_of_process_count(tmp_path):
+    """Same number of processes: each rank its own stream; another number: every rank rank 0's (dropout masks
+    then differ from the uninterrupted run's; nothing else draws from these streams)."""
+    from llmasos.train import checkpoint as ckpt
+
+    draws = {}
+    for rank in (0, 1):
+        torch.manual_seed(100 + rank)
+        ckpt.save_rng(tmp_path, rank)
+        draws[rank] = torch.rand(3)
+    ckpt.load_rng(tmp_path, 1)
+    assert torch.equal(torch.rand(3), draws[1])
+    ckpt.load_rng(tmp_path, 1, same_world_size=False)
+    assert torch.equal(torch.rand(3), draws[0])
+    ckpt.load_rng(tmp_path, 3, same_world_size=False)  # 2 -> 4 processes
+    assert torch.equal(torch.rand(3), draws[0])
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ckpt.load_rng(tmp_path, 3)
