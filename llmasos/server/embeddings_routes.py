@@ -20,13 +20,12 @@ from llmasos.server.state import ServedModel, ServerState
 EMBED_TASK = "embed"
 
 
-class EmbeddingService:
-    """An Embedder behind the server. Requests run one batch at a time (the encoder is one forward pass)."""
+class OneAtATimeService:
+    """What stands in a ServedModel's LLM and AsyncLLM for a model that answers in one forward pass (an encoder, a
+    classifier): health, the engine's gauges as far as it has them, shutdown, and `run`, which runs one batch at a
+    time and counts what waits and what runs."""
 
-    def __init__(self, embedder) -> None:
-        self.embedder = embedder
-        self.model, self.tokenizer, self.config = embedder.model, embedder.tokenizer, embedder.config
-        self.max_model_len: int = embedder.max_seq_length
+    def __init__(self) -> None:
         self._lock = threading.Lock()  # one forward pass at a time
         self._count_lock = threading.Lock()
         self._stopped = False
@@ -41,21 +40,35 @@ class EmbeddingService:
         self._stopped = True
 
     def metrics(self) -> dict[str, float | int]:
-        """The engine's gauges, as far as an encoder has them (no KV cache, no preemption)."""
+        """The engine's gauges, as far as a one-pass model has them (no KV cache, no preemption)."""
         return {"num_preemptions": 0, "prefix_cache_hit_rate": 0.0, "kv_cache_usage": 0.0,
                 "num_running": self._running, "num_waiting": self._waiting}
 
-    def encode_ids(self, id_lists: list[list[int]], prompt_length: int):
+    def run(self, count: int, forward):
+        """`forward()` for a batch of `count` inputs, after the batches before it (blocking: a worker thread)."""
         with self._count_lock:
-            self._waiting += len(id_lists)
+            self._waiting += count
         with self._lock:
             with self._count_lock:
-                self._waiting -= len(id_lists)
-                self._running = len(id_lists)
+                self._waiting -= count
+                self._running = count
             try:
-                return self.embedder.encode_ids(id_lists, prompt_length)
+                return forward()
             finally:
                 self._running = 0
+
+
+class EmbeddingService(OneAtATimeService):
+    """An Embedder behind the server. Requests run one batch at a time (the encoder is one forward pass)."""
+
+    def __init__(self, embedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.model, self.tokenizer, self.config = embedder.model, embedder.tokenizer, embedder.config
+        self.max_model_len: int = embedder.max_seq_length
+
+    def encode_ids(self, id_lists: list[list[int]], prompt_length: int):
+        return self.run(len(id_lists), lambda: self.embedder.encode_ids(id_lists, prompt_length))
 
 
 def load_embedding_model(model_id: str, spec) -> ServedModel:

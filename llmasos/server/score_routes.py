@@ -4,7 +4,6 @@ and `ClassifierService`, which stands in a ServedModel for a classifier as Embed
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llmasos.server.app import parse_body, use_model
 from llmasos.server.auth import record_usage
-from llmasos.server.embeddings_routes import EMBED_TASK
+from llmasos.server.embeddings_routes import EMBED_TASK, OneAtATimeService
 from llmasos.server.protocol import APIError, ClassifyRequest, RerankRequest, ScoreRequest
 from llmasos.server.state import ServedModel, ServerState
 
@@ -37,30 +36,15 @@ def is_classifier_directory(directory: str | Path | None) -> bool:
     return bool(config) and is_classifier_checkpoint(config)
 
 
-class ClassifierService:
+class ClassifierService(OneAtATimeService):
     """A SequenceClassifier behind the server: health, metrics, shutdown, one forward pass at a time."""
 
     def __init__(self, classifier) -> None:
+        super().__init__()
         self.classifier = classifier
         self.model, self.tokenizer, self.config = classifier.model, classifier.tokenizer, classifier.config
         self.labels: list[str] = classifier.labels
         self.max_model_len: int = classifier.max_length
-        self._lock = threading.Lock()  # one forward pass at a time
-        self._count_lock = threading.Lock()
-        self._stopped = False
-        self._waiting = 0
-        self._running = 0
-
-    @property
-    def is_alive(self) -> bool:
-        return not self._stopped
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        self._stopped = True
-
-    def metrics(self) -> dict[str, float | int]:
-        return {"num_preemptions": 0, "prefix_cache_hit_rate": 0.0, "kv_cache_usage": 0.0,
-                "num_running": self._running, "num_waiting": self._waiting}
 
     def prepare(self, texts: list[str], pairs: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
         """(input_ids, token_type_ids) of each text (or pair); a text over the model's length is a ValueError."""
@@ -76,19 +60,14 @@ class ClassifierService:
         if pad_id is None:
             pad_id = self.config.get("pad_token_id") or 0
         examples = [Example(ids, [], token_type_ids=types) for ids, types in encoded]
-        with self._count_lock:
-            self._waiting += len(examples)
-        with self._lock:
-            with self._count_lock:
-                self._waiting -= len(examples)
-                self._running = len(examples)
-            try:
-                with torch.inference_mode():
-                    outputs = [self.model(*pad_batch(examples[start:start + batch_size], pad_id,
-                                                     self.classifier.device)).float().cpu()
-                               for start in range(0, len(examples), batch_size)]
-            finally:
-                self._running = 0
+
+        def forward() -> list[torch.Tensor]:
+            with torch.inference_mode():
+                return [self.model(*pad_batch(examples[start:start + batch_size], pad_id,
+                                              self.classifier.device)).float().cpu()
+                        for start in range(0, len(examples), batch_size)]
+
+        outputs = self.run(len(examples), forward)
         return torch.cat(outputs) if outputs else torch.empty(0, len(self.labels))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
