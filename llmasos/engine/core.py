@@ -91,6 +91,7 @@ class EngineCore:
         self.options = options = options or EngineOptions()
         param = next(model.parameters())
         dtype, device = self.dtype, self.device = _activation_dtype(model), param.device
+        num_parameters = model.num_parameters()  # before packing: packed weights are no longer parameters
         self._pack_weights()
         model_config = model.config
         if options.max_model_len is not None and options.max_model_len > model_config.max_context_length:
@@ -138,7 +139,7 @@ class EngineCore:
         kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.runner.kv_tensors)
         self.info = EngineInfo(
             vocab_size=model_config.vocab_size, max_model_len=self.max_model_len, num_kv_blocks=num_blocks,
-            block_size=options.block_size, num_parameters=model.num_parameters(),
+            block_size=options.block_size, num_parameters=num_parameters,
             weight_bytes=module_bytes(model) + packed_bytes(model),
             kv_cache_bytes=kv_bytes, dtype=str(dtype).removeprefix("torch."), device=str(device),
             eos_token_ids=sorted(self.eos_token_ids), pid=os.getpid())

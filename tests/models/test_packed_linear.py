@@ -38,3 +38,17 @@ def test_only_bf16_linear_layers_are_packed():
     assert pack_linear_layers(model) == 1
     assert isinstance(model[0], PackedLinear) and type(model[1]) is torch.nn.Linear
     assert torch.equal(model[0](x), expected)  # any leading shape, same numbers
+
+
+def test_a_packed_engine_reports_every_parameter(tmp_path):
+    """Packed weights are not torch parameters: the engine counts before packing, so prices and /api/ps see the
+    model's real size (found by the startup banner: 1.1M where the model has 4.2M)."""
+    directory = tmp_path / "tiny"
+    make_checkpoint(directory, family_config("llama", num_hidden_layers=2))
+    packed = LLM.load(directory, dtype="bfloat16")
+    plain = LLM.load(directory, dtype="float32")
+    try:
+        assert packed.num_parameters == plain.num_parameters == plain.model.num_parameters()
+    finally:
+        packed.close()
+        plain.close()
