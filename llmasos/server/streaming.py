@@ -136,8 +136,19 @@ class Job:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# Characters that some clients' line splitters (Python's str.splitlines, which httpx's aiter_lines has used) take as
+# line ends although SSE ends lines at CR and LF only: inside an event's JSON they are written escaped, so that a
+# model that generates one never cuts an event in two. (JSON already escapes every control character below 0x20.)
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def event_json(data: dict) -> str:
+    """JSON for one server-sent event: UTF-8 as is, except the characters that break lines for some clients."""
+    return json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKERS)
+
+
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {data if isinstance(data, str) else event_json(data)}\n\n"
 
 
 DONE = sse("[DONE]")  # the last event of every stream; it carries no tokens
@@ -147,10 +158,10 @@ class ChunkFormat:
     """The events of one stream share everything but their choice: serialise that common part once."""
 
     def __init__(self, base: dict) -> None:
-        self.head = "data: " + json.dumps({**base, "choices": []}, ensure_ascii=False)[:-2]  # ends with '['
+        self.head = "data: " + event_json({**base, "choices": []})[:-2]  # ends with '['
 
     def __call__(self, choice: dict) -> str:
-        return f"{self.head}{json.dumps(choice, ensure_ascii=False)}]}}\n\n"
+        return f"{self.head}{event_json(choice)}]}}\n\n"
 
 
 async def _until_disconnect(receive) -> None:
