@@ -10,26 +10,15 @@ from typing import Any
 
 import torch
 
+from llmasos.models.heads import QUESTION_ANSWERING
 from llmasos.pipelines.question_answering import QuestionAnsweringPipeline
-from llmasos.pipelines.task_models import TaskModelPipeline
+from llmasos.pipelines.task_models import TaskHeadModel, TaskModelPipeline
 
 
-class QuestionAnsweringModel:
+class QuestionAnsweringModel(TaskHeadModel):
     """A Bert/RobertaForQuestionAnswering checkpoint and its tokenizer: start and end logits of one window."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, path: str | None = None) -> None:
-        self.model, self.tokenizer, self.path = model, tokenizer, path
-
-    @classmethod
-    def load(cls, model: Any, dtype: str = "float32", device: str = "cpu") -> QuestionAnsweringModel:
-        from llmasos.models.heads import QUESTION_ANSWERING, load_task_model
-        from llmasos.spec import resolve_spec
-        from llmasos.tokenizer import Tokenizer
-
-        spec = resolve_spec(model, dtype=dtype, device=device)
-        task_model, _ = load_task_model(spec.path, QUESTION_ANSWERING, "float32" if spec.dtype in ("auto", None)
-                                        else spec.dtype, spec.device or "cpu")
-        return cls(task_model, Tokenizer.from_dir(spec.directory), spec.path)
+    head = QUESTION_ANSWERING
 
     @property
     def max_length(self) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from llmasos.errors import ModelLoadError
+from llmasos.models.heads import MASKED_LM
 from llmasos.pipelines.base import ENCODER, Pipeline
 
 DEFAULT = object()
@@ -29,22 +30,30 @@ class TaskModelPipeline(Pipeline):
         raise NotImplementedError
 
 
-class MaskedLM:
-    """A BertForMaskedLM checkpoint with its tokenizer: vocabulary logits at every position."""
+class TaskHeadModel:
+    """A checkpoint with a task head (`head`: one of llmasos.models.heads' kinds) and its tokenizer."""
+
+    head = ""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: str | None = None) -> None:
         self.model, self.tokenizer, self.path = model, tokenizer, path
 
     @classmethod
-    def load(cls, model: Any, dtype: str = "float32", device: str = "cpu") -> MaskedLM:
-        from llmasos.models.heads import MASKED_LM, load_task_model
+    def load(cls, model: Any, dtype: str = "float32", device: str = "cpu"):
+        from llmasos.models.heads import load_task_model
         from llmasos.spec import resolve_spec
         from llmasos.tokenizer import Tokenizer
 
         spec = resolve_spec(model, dtype=dtype, device=device)
-        task_model, _ = load_task_model(spec.path, MASKED_LM, "float32" if spec.dtype in ("auto", None)
+        task_model, _ = load_task_model(spec.path, cls.head, "float32" if spec.dtype in ("auto", None)
                                         else spec.dtype, spec.device or "cpu")
         return cls(task_model, Tokenizer.from_dir(spec.directory), spec.path)
+
+
+class MaskedLM(TaskHeadModel):
+    """A BertForMaskedLM checkpoint with its tokenizer: vocabulary logits at every position."""
+
+    head = MASKED_LM
 
     @torch.no_grad()
     def logits(self, input_ids: list[int]) -> torch.Tensor:
