@@ -1,17 +1,24 @@
 """Seq2SeqLM: an encoder-decoder model (T5 family) with its tokenizer, generating like `LLM.generate` does.
 
 It takes the same SamplingParams and returns the same RequestOutputs, so the task pipelines treat encoder-decoder and
-decoder-only models alike. Decoding is batched with a key/value cache; greedy (temperature 0) equals transformers'
-greedy `generate`; with `BeamSettings(num_beams=k)` it runs transformers' beam search (beam_search.py).
+decoder-only models alike. Decoding is batched with a key/value cache and streams token by token (`stream`); tokens are
+chosen by the engine's sampler and turned into text by the engine front end's Choice, so penalties, seeds and stop
+strings follow the decoder-only rules. Greedy (temperature 0) equals transformers' greedy `generate`; with
+`BeamSettings(num_beams=k)` it runs transformers' beam search (beam_search.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmasos.engine.output_processor import Choice, RequestGroup
+from llmasos.engine.protocol import EngineCoreOutput
+from llmasos.engine.request import Request
+from llmasos.engine.sampler import sample
 from llmasos.engine.validation import check_token_ids
 from llmasos.errors import ModelLoadError
 from llmasos.models.loader import read_json_file
@@ -97,9 +104,8 @@ class Seq2SeqLM:
             else:
                 outputs = self._generate_batch([id_lists[i] for i in indices], params)
             for i, completions in zip(indices, outputs, strict=True):
-                self._counter += 1
                 text = prompts[i] if isinstance(prompts[i], str) else None
-                results[i] = RequestOutput(f"seq2seq-{self._counter}", text, id_lists[i], completions, True)
+                results[i] = RequestOutput(f"seq2seq-{self._next_id()}", text, id_lists[i], completions, True)
         return results  # type: ignore[return-value]
 
     def _padded(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,56 +132,63 @@ class Seq2SeqLM:
             outputs.append(completions)
         return outputs
 
-    @torch.inference_mode()
     def _generate_batch(self, id_lists: list[list[int]], params: SamplingParams) -> list[list[CompletionOutput]]:
+        groups: list[RequestGroup] = []
+        for step in self.stream(id_lists, params):
+            groups = step  # the same groups every step, filled in further
+        if not groups:  # max_tokens=0: nothing was decoded
+            return [[CompletionOutput(k, "", [], "length", [] if params.logprobs is not None else None)
+                     for k in range(params.n)] for _ in id_lists]
+        return [group.output().outputs for group in groups]
+
+    @torch.inference_mode()
+    def stream(self, id_lists: list[list[int]], params: SamplingParams,
+               request_ids: list[str] | None = None) -> Iterator[list[RequestGroup]]:
+        """Decode each prompt's n sequences, all in one batch, token by token: after every step, each prompt's
+        RequestGroup (`group.output(delta=True)` is the step's delta). Tokens are chosen by the engine's sampler over
+        engine Requests (penalties, min_tokens, seeds per sequence, logprobs) and become text in the front end's
+        Choice (incremental detokenization, stop strings): the rules of decoder-only generation, not a copy of
+        them. Stop iterating to abort."""
         n = params.n
-        device = self.device
-        length = max(len(ids) for ids in id_lists)
-        input_ids = torch.full((len(id_lists), length), self.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(id_lists):
-            input_ids[row, :len(ids)] = torch.tensor(ids, device=device)
-            mask[row, :len(ids)] = 1
+        if params.max_tokens == 0:
+            return
+        input_ids, mask = self._padded(id_lists)
         encoded = self.model.encode(input_ids, mask).repeat_interleave(n, dim=0)  # one row per returned sequence
-        mask = mask.repeat_interleave(n, dim=0)
-        cache = self.model.new_cache(encoded, mask)
-        rows = encoded.shape[0]
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item()))
-        sequences = torch.full((rows, 1), self.config.decoder_start_token_id, dtype=torch.long, device=device)
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logprobs: list[list[dict[int, float]]] = [[] for _ in range(rows)]
-        finish: list[str | None] = [None] * rows
-        eos = sorted(self.eos_token_ids)
-        step_input = sequences
-        for step in range(params.max_tokens):
-            logits = self.model.decode_step(step_input, cache)[:, -1]  # (rows, vocab) float32
-            logits = self._process(logits, sequences, params, step, eos)
-            chosen = self._choose(logits, params, generator)
-            chosen_logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
-            for row, token in enumerate(chosen.tolist()):
-                if finish[row] is not None:
-                    continue
-                tokens[row].append(token)  # an ending EOS is kept, as the engine keeps it
-                if params.logprobs is not None:
-                    logprobs[row].append({token: chosen_logprobs[row]})
-                if token in self.eos_token_ids and not params.ignore_eos:
-                    finish[row] = "stop"
-            if all(f is not None for f in finish):
-                break
-            # Finished rows keep feeding padding, as transformers does; their outputs are no longer read.
-            chosen = torch.where(torch.tensor([f is None for f in finish], device=device), chosen,
-                                 torch.full_like(chosen, self.pad_token_id))
-            sequences = torch.cat([sequences, chosen[:, None]], dim=1)
-            step_input = chosen[:, None]
-        outputs: list[list[CompletionOutput]] = []
-        for prompt_index in range(len(id_lists)):
-            completions = []
+        cache = self.model.new_cache(encoded, mask.repeat_interleave(n, dim=0))
+        start = self.config.decoder_start_token_id
+        request_ids = request_ids or [f"seq2seq-{self._next_id()}" for _ in id_lists]
+        groups, rows = [], []
+        for request_id, ids in zip(request_ids, id_lists, strict=True):
+            choices = []
             for k in range(n):
-                row = prompt_index * n + k
-                completions.append(self._completion(k, tokens[row], finish[row] or "length", logprobs[row], params))
-            outputs.append(completions)
-        return outputs
+                # The decoder's prompt is its start token: repetition penalty sees it, as transformers' does.
+                rows.append(Request(f"{request_id}#{k}", [start], params, self.eos_token_ids, index=k))
+                detokenizer = self.tokenizer.incremental_detokenizer(None, params.skip_special_tokens)
+                choices.append(Choice(rows[-1].request_id, k, params, detokenizer))
+            groups.append(RequestGroup(request_id, None, ids, choices))
+        choices = [choice for group in groups for choice in group.children]
+        step_input = torch.full((len(rows), 1), start, dtype=torch.long, device=self.device)
+        while True:
+            logits = self.model.decode_step(step_input, cache)[:, -1]  # (rows, vocab) float32
+            active = [i for i, row in enumerate(rows) if not row.finished]
+            token_ids, logprobs = sample(logits[active], [rows[i] for i in active])
+            for i, token_id, entry in zip(active, token_ids, logprobs, strict=True):
+                row, choice = rows[i], choices[i]
+                row.append_token(token_id, entry)
+                choice.receive(EngineCoreOutput(row.request_id, [token_id], None if entry is None else [entry],
+                                                row.finish_reason, row.stop_reason))
+                if choice.finished and not row.finished:  # a stop string ended it
+                    row.finish_reason = choice.finish_reason
+            yield groups
+            if all(row.finished for row in rows):
+                return
+            # Finished rows keep feeding padding, as transformers does; their outputs are no longer read.
+            step_input = torch.tensor([[self.pad_token_id if row.finished else row.output_token_ids[-1]]
+                                       for row in rows], dtype=torch.long, device=self.device)
+
+    def _next_id(self) -> int:
+        self._counter += 1
+        return self._counter
 
     def _process(self, logits: torch.Tensor, sequences: torch.Tensor, params: SamplingParams, step: int,
                  eos: list[int]) -> torch.Tensor:
@@ -190,24 +203,6 @@ class Seq2SeqLM:
                 if token < logits.shape[1]:
                     logits[:, token] += bias
         return logits
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-        if params.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits / params.temperature
-        if params.top_k > 0:
-            kth = logits.topk(min(params.top_k, logits.shape[1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
-        if params.min_p > 0:
-            probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def _completion(self, index: int, token_ids: list[int], finish: str, logprobs: list[dict[int, float]],
                     params: SamplingParams) -> CompletionOutput:
