@@ -102,7 +102,7 @@ class AsyncLLM:
                 # larger chunks instead of the event loop falling further behind the engine.
                 while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
                     following = stream.queue.get_nowait()
-                    item = following if isinstance(following, BaseException) else _merge(item, following)
+                    item = following if isinstance(following, BaseException) else merge_deltas(item, following)
                 if isinstance(item, BaseException):
                     raise item  # a refused request (ValueError), a failed step or an EngineDeadError
                 yield item
@@ -227,7 +227,7 @@ def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         stream_queue.put_nowait(item)
 
 
-def _merge(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
     """Two consecutive deltas of one request as one delta."""
     earlier = {out.index: out for out in first.outputs}
     outputs = []

@@ -239,8 +239,11 @@ def forbidden(key: KeyInfo, model_id: str) -> APIError:
 _SERVES = {"embed": "is an embedding model: it serves POST /v1/embeddings (and /v1/score, /v1/rerank)",
            "classify": "is a sequence classifier: it serves POST /classify (and, with one label, /v1/score and "
                        "/v1/rerank)",
-           "generate": "generates text: it serves completions and chat"}
-_WANTED = {("generate",): "completions or chat", ("embed",): "embeddings", ("classify",): "classification"}
+           "generate": "generates text: it serves completions and chat",
+           "seq2seq": "is an encoder-decoder (seq2seq) model: it serves POST /v1/completions, with its input as the "
+                      "prompt"}
+_WANTED = {("generate",): "completions or chat", ("embed",): "embeddings", ("classify",): "classification",
+           ("generate", "seq2seq"): "completions"}
 
 
 def wrong_kind_message(model_id: str, served_task: str, wanted: tuple[str, ...]) -> str:
@@ -251,7 +254,10 @@ def wrong_kind_message(model_id: str, served_task: str, wanted: tuple[str, ...])
     if served_task == "generate" and wanted == ("classify",):
         return (f"model {model_id!r} generates text and is not a sequence classifier; serve a "
                 "*ForSequenceClassification checkpoint for POST /classify")
-    if served_task == "generate":
+    if served_task == "seq2seq" and wanted == ("generate",):
+        return (f"model {model_id!r} is an encoder-decoder (seq2seq) model without a chat template, so it serves no "
+                "chat; send its input as the prompt of POST /v1/completions")
+    if served_task in ("generate", "seq2seq") and wanted not in (("generate",), ("generate", "seq2seq")):
         return (f"model {model_id!r} generates text and cannot score text pairs; serve a cross-encoder (a one-label "
                 "sequence classifier) or an embedding model for POST /v1/score and /v1/rerank")
     serves = _SERVES.get(served_task, f"serves {served_task!r} requests")

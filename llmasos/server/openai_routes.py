@@ -24,6 +24,7 @@ from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
 from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, StructuredFields
+from llmasos.server.seq2seq_serving import SEQ2SEQ_TASK, completion_beams
 from llmasos.server.state import ServedModel, ServerState
 from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream, cancel_on_disconnect, sse
 from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
@@ -60,7 +61,7 @@ def _check_logit_bias(served: ServedModel, logit_bias: dict[str, float] | None) 
     if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
         raise APIError(400, f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
                        param="logit_bias")
-    vocab = served.llm.engine.info.vocab_size
+    vocab = _vocab_size(served)
     for key in logit_bias:
         if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab):
             shown = key if len(key) <= 20 else key[:20] + "..."
@@ -68,8 +69,20 @@ def _check_logit_bias(served: ServedModel, logit_bias: dict[str, float] | None) 
                            param="logit_bias")
 
 
+def _vocab_size(served: ServedModel) -> int:
+    return served.llm.vocab_size if served.task == SEQ2SEQ_TASK else served.llm.engine.info.vocab_size
+
+
 def _check_prompts(served: ServedModel, prompts: list[list[int]], max_tokens: int, param: str) -> None:
     """Vocabulary, context length and KV-cache size: the engine's own check (validate_prompt), as OpenAI errors."""
+    if served.task == SEQ2SEQ_TASK:  # encoder input and decoder output are bounded each on its own
+        for prompt in prompts:
+            try:
+                served.llm.validate(prompt, max_tokens)
+            except PromptError as exc:
+                raise APIError(400, str(exc), param=param, code="context_length_exceeded"
+                               if isinstance(exc, ContextLengthError) else None) from None
+        return
     info = served.llm.engine.info
     for prompt in prompts:
         try:
@@ -151,7 +164,7 @@ def _normalize_prompts(served: ServedModel, prompt) -> tuple[list[list[int]], li
     prompts = [list(p) for p in prompt]
     for ids in prompts:  # before decoding: the tokenizer must never see a bad id
         try:
-            check_token_ids(ids, served.llm.engine.info.vocab_size)
+            check_token_ids(ids, _vocab_size(served))
         except PromptError as exc:
             raise APIError(400, str(exc), param="prompt") from None
     return prompts, [tokenizer.decode(p) for p in prompts]
@@ -233,7 +246,8 @@ async def _collect(job: Job, request: Request,
 
 
 async def _completions(state: ServerState, request: Request, body: CompletionRequest):
-    served = await use_model(state, request, body.model, "generate", body.keep_alive)
+    served = await use_model(state, request, body.model, ("generate", SEQ2SEQ_TASK), body.keep_alive)
+    beams = completion_beams(served, body)  # and the 400s of what an encoder-decoder model does not do
     tokenizer = served.llm.tokenizer
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -247,6 +261,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     _check_prompts(served, prompts, max_tokens, "prompt")
     params = _sampling(served, body, max_tokens, body.logprobs)
     params.lora = request.state.lora
+    if beams is not None:  # deterministic: the beams' scores decide, not draws
+        params.temperature = 0.0
     constraint, param = _requested_constraint(body)
     await _check_constraint(state, served, constraint, param)
     params.structured_outputs = constraint
@@ -256,7 +272,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     scores_prompt = body.echo and body.logprobs is not None
     if scores_prompt:  # the prompt's logprobs come from the engine's own prefill of it, under its token budget
         params.prompt_logprobs = body.logprobs
-    job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission, lora=params.lora)
+    job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission, lora=params.lora,
+              beams=beams)
     request.state.job = job  # for the access log: its token counts once the response is sent
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)

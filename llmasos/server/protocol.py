@@ -139,6 +139,10 @@ class CompletionRequest(SamplingFields, StructuredFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+    # Beam search, for encoder-decoder (T5) models: transformers' names, which vLLM's completions accept as extras.
+    num_beams: int | None = Field(default=None, ge=1, le=16)
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
 
 class TextPart(StrictModel):

@@ -52,6 +52,10 @@ def load_served_model(name_or_path: str | Path | ModelSpec, served_name: str | N
 
     if is_classifier_directory(spec.directory):  # *ForSequenceClassification: /classify, /v1/score, no engine
         return load_classifier_model(model_id, spec)
+    if spec.kind == "seq2seq":  # an encoder-decoder (T5): /v1/completions, decoded by a Seq2SeqService
+        from llmasos.server.seq2seq_serving import load_seq2seq_model
+
+        return load_seq2seq_model(model_id, spec)
     if spec.kind == "encoder":  # served on /v1/embeddings, without an engine
         from llmasos.server.embeddings_routes import load_embedding_model
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from starlette.concurrency import run_in_threadpool
@@ -45,6 +45,7 @@ class Job:
     completion_tokens: int = 0  # tokens sent to the client: the amount metered
     accounted: bool = False
     lora: str | None = None  # the LoRA adapter the request named as its model (served unmerged on `served`)
+    beams: Any = None  # BeamSettings of an encoder-decoder model's beam search (Seq2SeqService.generate)
 
     @property
     def model(self) -> str:
@@ -101,8 +102,10 @@ class Job:
 
     async def _deltas(self) -> AsyncIterator[tuple[int, object]]:
         engine = self.served.async_llm
+        options = {"beams": self.beams} if self.beams is not None else {}
         if len(self.prompts) == 1:  # the usual case: read the engine stream directly, no task or queue in between
-            async with aclosing(engine.generate(self.prompts[0], self.params, f"{self.request_id}-0")) as stream:
+            async with aclosing(engine.generate(self.prompts[0], self.params, f"{self.request_id}-0",
+                                                **options)) as stream:
                 async for delta in stream:
                     yield 0, delta
             return
@@ -110,7 +113,8 @@ class Job:
 
         async def pump(index: int, prompt: list[int]) -> None:
             try:
-                async with aclosing(engine.generate(prompt, self.params, f"{self.request_id}-{index}")) as stream:
+                async with aclosing(engine.generate(prompt, self.params, f"{self.request_id}-{index}",
+                                                    **options)) as stream:
                     async for delta in stream:
                         await queue.put((index, delta))
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it

@@ -1,0 +1,165 @@
+"""Encoder-decoder (T5) models behind POST /v1/completions: `Seq2SeqService` stands in a ServedModel's LLM and
+AsyncLLM, as EmbeddingService does for an encoder, and streams as AsyncLLM does: each request's prompt decodes in a
+worker thread, one request at a time, and every step's delta (RequestOutput) reaches the caller's event loop at once,
+so the completion routes, Job, metering and streaming are the decoder-only ones."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llmasos.engine.async_llm import EngineDeadError, merge_deltas
+from llmasos.engine.validation import ContextLengthError, check_token_ids
+from llmasos.outputs import RequestOutput
+from llmasos.sampling_params import SamplingParams
+from llmasos.server.embeddings_routes import OneAtATimeService
+from llmasos.server.state import ServedModel
+
+log = logging.getLogger(__name__)
+SEQ2SEQ_TASK = "seq2seq"
+DEFAULT_MAX_MODEL_LEN = 512  # T5's relative positions have no hard limit; its checkpoints were trained at 512
+_UNBOUNDED = 1 << 20  # a length past this is a placeholder for "no limit", not a trained length
+
+
+class Seq2SeqService(OneAtATimeService):
+    """A Seq2SeqLM behind the server. `max_model_len` bounds the encoder's input and, separately, the tokens the decoder
+    may generate (there is no shared context to split between them)."""
+
+    def __init__(self, seq2seq, max_model_len: int) -> None:
+        super().__init__()
+        self.seq2seq = seq2seq
+        self.model, self.tokenizer, self.config = seq2seq.model, seq2seq.tokenizer, seq2seq.config
+        self.vocab_size: int = seq2seq.config.vocab_size
+        self.max_model_len = max_model_len
+        self._in_flight = 0
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests accepted and not yet finished (waiting for the decoder or decoding)."""
+        return self._in_flight
+
+    def validate(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+        """Raise a PromptError (ValueError) for a prompt this model can never run: bad ids, an encoder input or a
+        max_tokens over max_model_len."""
+        check_token_ids(prompt_token_ids, self.vocab_size)
+        for what, count in (("the prompt (the encoder's input)", len(prompt_token_ids)),
+                            ("max_tokens (the decoder's output)", max_tokens)):
+            if count > self.max_model_len:
+                raise ContextLengthError(f"This model's maximum context length is {self.max_model_len} tokens for "
+                                         f"its encoder's input and, separately, for its decoder's output; {what} "
+                                         f"asks for {count}. Please reduce the prompt or max_tokens.",
+                                         len(prompt_token_ids), max_tokens, self.max_model_len)
+
+    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str,
+                       beams: Any = None) -> AsyncIterator[RequestOutput]:
+        """Yield deltas (new text and token ids of each of the n outputs) until the request finishes; with `beams`
+        (BeamSettings, num_beams > 1) one delta at the end, since beam search knows its winners only then. Closing the
+        stream early (a client that went away) stops the decoding after its current step."""
+        if not self.is_alive:
+            raise EngineDeadError("the model was unloaded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                cancelled.set()
+
+        def decode() -> None:
+            if cancelled.is_set():  # gone while it waited for its turn
+                return
+            if beams is not None:
+                output = self.seq2seq.generate([prompt], params, beams=beams)[0]
+                put(RequestOutput(request_id, None, prompt, output.outputs, True))
+                return
+            for groups in self.seq2seq.stream([prompt], params, [request_id]):
+                if self._stopped:
+                    put(EngineDeadError("the model was unloaded while generating this request"))
+                    return
+                put(groups[0].output(delta=True))
+                if cancelled.is_set():
+                    return
+
+        def work() -> None:
+            try:
+                self.run(params.n, decode)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+                log.exception("seq2seq generation failed")
+                put(exc)
+
+        self._in_flight += 1
+        threading.Thread(target=work, name=f"llmasos-seq2seq-{request_id}", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                # Deltas that piled up while the caller was busy travel as one, as AsyncLLM's do.
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    item = following if isinstance(following, BaseException) else merge_deltas(item, following)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._in_flight -= 1
+            cancelled.set()
+
+
+def context_length(seq2seq) -> int:
+    """The length an encoder-decoder checkpoint says it was made for: config.json's n_positions, else 512."""
+    value = seq2seq.config.raw.get("n_positions")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNBOUNDED:
+        return value
+    return DEFAULT_MAX_MODEL_LEN
+
+
+def load_seq2seq_model(model_id: str, spec) -> ServedModel:
+    """A ServedModel for an encoder-decoder spec; engine options (KV cache, batch sizes) do not apply to it."""
+    from llmasos.pipelines.seq2seq import Seq2SeqLM
+
+    seq2seq = Seq2SeqLM.load(spec, dtype="float32" if spec.dtype in ("auto", None) else spec.dtype,
+                             device=spec.device or "cpu")
+    service = Seq2SeqService(seq2seq, context_length(seq2seq))
+    return ServedModel(id=model_id, llm=service, async_llm=service, spec=seq2seq.spec, task=SEQ2SEQ_TASK)
+
+
+def completion_beams(served: ServedModel, body) -> Any:
+    """The BeamSettings a completion request asks for (None: greedy or sampled decoding), and a 400 for what an
+    encoder-decoder model does not do here: echo (its prompt is the encoder's input, not the start of its text),
+    max_tokens 0 (nothing to score), structured output."""
+    from llmasos.pipelines.beam_search import BeamSettings
+    from llmasos.server.protocol import APIError
+
+    wants_beams = body.num_beams is not None and body.num_beams > 1
+    if served.task != SEQ2SEQ_TASK:
+        if wants_beams:
+            raise APIError(400, f"beam search (num_beams) is served for encoder-decoder models; model {served.id!r} "
+                           "decodes greedily (temperature 0) or by sampling", param="num_beams")
+        return None
+    if body.max_tokens is not None and body.max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1 for model {served.id!r}, an encoder-decoder model (it "
+                       "cannot score its prompt)", param="max_tokens")
+    if body.echo:
+        raise APIError(400, f"echo is not supported by model {served.id!r}: an encoder-decoder model's prompt is its "
+                       "encoder's input, not the start of its text", param="echo")
+    if body.structured_outputs is not None or (body.response_format is not None
+                                               and body.response_format.type != "text"):
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        raise APIError(400, f"structured output is served for decoder-only models, not for model {served.id!r} "
+                       "(an encoder-decoder model)", param=param)
+    if not wants_beams:
+        return None
+    if body.temperature not in (None, 0):
+        raise APIError(400, "beam search is deterministic: leave temperature unset (or 0) with num_beams > 1",
+                       param="temperature")
+    if body.n > body.num_beams:
+        raise APIError(400, f"n={body.n} is more sequences than num_beams={body.num_beams} beams can return",
+                       param="n")
+    return BeamSettings(body.num_beams, 1.0 if body.length_penalty is None else body.length_penalty,
+                        False if body.early_stopping is None else body.early_stopping, body.n)
