@@ -243,7 +243,7 @@ _SERVES = {"embed": "is an embedding model: it serves POST /v1/embeddings (and /
            "seq2seq": "is an encoder-decoder (seq2seq) model: it serves POST /v1/completions, with its input as the "
                       "prompt"}
 _WANTED = {("generate",): "completions or chat", ("embed",): "embeddings", ("classify",): "classification",
-           ("generate", "seq2seq"): "completions"}
+           ("generate", "seq2seq"): "completions or chat"}
 
 
 def wrong_kind_message(model_id: str, served_task: str, wanted: tuple[str, ...]) -> str:

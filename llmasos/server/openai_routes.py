@@ -24,7 +24,7 @@ from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
 from llmasos.server.metering import Admission
 from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, StructuredFields
-from llmasos.server.seq2seq_serving import SEQ2SEQ_TASK, completion_beams
+from llmasos.server.seq2seq_serving import SEQ2SEQ_TASK, check_seq2seq_chat, completion_beams
 from llmasos.server.state import ServedModel, ServerState
 from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream, cancel_on_disconnect, sse
 from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
@@ -415,7 +415,8 @@ def _tools_of(state: ServerState, served: ServedModel, body: ChatCompletionReque
 
 
 async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest):
-    served = await use_model(state, request, body.model, "generate", body.keep_alive)
+    served = await use_model(state, request, body.model, ("generate", SEQ2SEQ_TASK), body.keep_alive)
+    check_seq2seq_chat(served, body)  # a 400 unless it is decoder-only or has a chat template
     tokenizer = served.llm.tokenizer
     _check_prompt_size(served, [m.text() for m in body.messages])
     plan = _tools_of(state, served, body)
@@ -429,7 +430,9 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     await _check_constraint(state, served, constraint, param)
     prompt = await run_in_threadpool(_render_chat, served, body, plan)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if requested is None:  # as much as the context and the whole KV cache leave room for
+    if requested is None and served.task == SEQ2SEQ_TASK:  # the decoder's own length, not shared with the prompt
+        requested = served.spec.sampling_defaults().get("max_tokens") or served.max_model_len
+    elif requested is None:  # as much as the context and the whole KV cache leave room for
         info = served.llm.engine.info
         room = min(info.max_model_len, info.num_kv_blocks * info.block_size) - len(prompt)
         requested = served.spec.sampling_defaults().get("max_tokens") or max(1, room)

@@ -129,6 +129,36 @@ def load_seq2seq_model(model_id: str, spec) -> ServedModel:
     return ServedModel(id=model_id, llm=service, async_llm=service, spec=seq2seq.spec, task=SEQ2SEQ_TASK)
 
 
+def check_seq2seq_chat(served: ServedModel, body) -> None:
+    """Chat on an encoder-decoder model: its chat template renders the encoder's input; without a template (T5's
+    checkpoints have none) it is the 400 of a model that serves no chat. Tools and structured output are 400s."""
+    from llmasos.server.app import wrong_kind_message
+    from llmasos.server.protocol import APIError
+
+    if served.task != SEQ2SEQ_TASK:
+        return
+    if not (served.chat_template or served.llm.tokenizer.chat_template):
+        raise APIError(400, wrong_kind_message(served.id, served.task, ("generate",)), param="model",
+                       code="model_not_supported")
+    if body.tools:
+        raise APIError(400, f"tools are served for decoder-only models, not for model {served.id!r} (an "
+                       "encoder-decoder model)", param="tools")
+    if body.max_completion_tokens == 0 or body.max_tokens == 0:
+        raise APIError(400, f"max_tokens must be at least 1 for model {served.id!r}, an encoder-decoder model",
+                       param="max_completion_tokens" if body.max_completion_tokens == 0 else "max_tokens")
+    _check_structured(served, body)
+
+
+def _check_structured(served: ServedModel, body) -> None:
+    from llmasos.server.protocol import APIError
+
+    if body.structured_outputs is not None or (body.response_format is not None
+                                               and body.response_format.type != "text"):
+        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
+        raise APIError(400, f"structured output is served for decoder-only models, not for model {served.id!r} "
+                       "(an encoder-decoder model)", param=param)
+
+
 def completion_beams(served: ServedModel, body) -> Any:
     """The BeamSettings a completion request asks for (None: greedy or sampled decoding), and a 400 for what an
     encoder-decoder model does not do here: echo (its prompt is the encoder's input, not the start of its text),
@@ -148,11 +178,9 @@ def completion_beams(served: ServedModel, body) -> Any:
     if body.echo:
         raise APIError(400, f"echo is not supported by model {served.id!r}: an encoder-decoder model's prompt is its "
                        "encoder's input, not the start of its text", param="echo")
-    if body.structured_outputs is not None or (body.response_format is not None
-                                               and body.response_format.type != "text"):
-        param = "structured_outputs" if body.structured_outputs is not None else "response_format"
-        raise APIError(400, f"structured output is served for decoder-only models, not for model {served.id!r} "
-                       "(an encoder-decoder model)", param=param)
+    _check_structured(served, body)
+    if body.logprobs is not None and wants_beams:
+        raise APIError(400, "logprobs are not returned with beam search", param="logprobs")
     if not wants_beams:
         return None
     if body.temperature not in (None, 0):

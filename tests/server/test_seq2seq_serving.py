@@ -5,6 +5,8 @@ and beam search work through the official openai client, a keyed request writes 
 
 from __future__ import annotations
 
+import shutil
+
 import httpx
 import openai
 import pytest
@@ -20,6 +22,7 @@ from llmasos.server.serving import Service
 from llmasos.server.state import ServerSettings
 
 T5 = "t5-tiny"
+T5_CHAT = "t5-chat"  # the same weights with a chat template
 DECODER = "tiny-decoder"
 TEXTS = ["translate English to German: a house by the sea", "To be, or not to be, that is the question"]
 
@@ -37,6 +40,10 @@ def service(home, reference, tmp_path_factory):
     decoder = tmp_path_factory.mktemp("seq2seq") / "decoder"
     make_checkpoint(decoder, family_config("qwen2", num_hidden_layers=2, max_position_embeddings=256))
     import_directory(reference[0], T5)
+    chat = tmp_path_factory.mktemp("seq2seq") / "t5-chat"
+    shutil.copytree(reference[0], chat)
+    (chat / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}</s>")
+    import_directory(chat, T5_CHAT)
     import_directory(decoder, DECODER)
     manager = ModelManager(library=True, load_options={"dtype": "float32"}, keep_alive=600.0)
     service = Service(manager, ServerSettings(host="127.0.0.1", port=free_port())).start()
@@ -135,6 +142,22 @@ def test_beam_search_equals_transformers(service, reference):
     assert len(two.choices) == 2 and two.choices[0].text != two.choices[1].text
 
 
+def test_chat_through_a_chat_template_is_the_completion_of_its_rendering(service):
+    client = openai_client(service)
+    completion = client.completions.create(model=T5, prompt=TEXTS[1], max_tokens=9, temperature=0)
+    chat = client.chat.completions.create(model=T5_CHAT, messages=[{"role": "user", "content": TEXTS[1]}],
+                                          max_tokens=9, temperature=0)
+    assert chat.choices[0].message.content == completion.choices[0].text
+    assert chat.usage == completion.usage and chat.choices[0].finish_reason == completion.choices[0].finish_reason
+    chunks = list(client.chat.completions.create(model=T5_CHAT, messages=[{"role": "user", "content": TEXTS[1]}],
+                                                 max_tokens=9, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == completion.choices[0].text
+    error = assert_error(post(service, {"model": T5_CHAT, "messages": [{"role": "user", "content": "hi"}],
+                                        "tools": [{"type": "function", "function": {"name": "f"}}]},
+                              "/v1/chat/completions"), 400)
+    assert error["param"] == "tools"
+
+
 def test_what_a_seq2seq_model_does_not_do_is_an_openai_400(service):
     client = openai_client(service)
     with pytest.raises(openai.BadRequestError, match="encoder-decoder"):
@@ -160,6 +183,24 @@ def test_what_a_seq2seq_model_does_not_do_is_an_openai_400(service):
     assert error["param"] == "num_beams"
     error = assert_error(post(service, {"model": T5, "prompt": "x", "response_format": {"type": "json_object"}}), 400)
     assert error["param"] == "response_format"
+    error = assert_error(post(service, {"model": T5, "prompt": "x", "num_beams": 2, "logprobs": 1}), 400)
+    assert error["param"] == "logprobs"
+
+
+def test_eos_ends_a_choice_with_stop_and_is_counted(service):
+    """The random model rarely ends by itself: a bias on </s> (id 1) makes it. </s> is a token, not text."""
+    client = openai_client(service)
+    response = client.completions.create(model=T5, prompt=TEXTS[0], max_tokens=10, temperature=0,
+                                         logit_bias={"1": 100}, logprobs=0)
+    choice = response.choices[0]
+    assert (choice.text, choice.finish_reason, response.usage.completion_tokens) == ("", "stop", 1)
+    assert len(choice.logprobs.token_logprobs) == 1 and choice.logprobs.token_logprobs[0] <= 0
+    held = client.completions.create(model=T5, prompt=TEXTS[0], max_tokens=10, temperature=0, logit_bias={"1": 100},
+                                     extra_body={"min_tokens": 3})
+    assert (held.choices[0].finish_reason, held.usage.completion_tokens) == ("stop", 4)
+    ignored = client.completions.create(model=T5, prompt=TEXTS[0], max_tokens=10, temperature=0,
+                                        logit_bias={"1": 100}, extra_body={"ignore_eos": True})
+    assert (ignored.choices[0].finish_reason, ignored.usage.completion_tokens) == ("length", 10)
 
 
 def test_a_keyed_request_is_admitted_and_metered(service):
