@@ -60,6 +60,21 @@ def test_generation_config_eos_ids_stop_generation(checkpoint, llm, tmp_path):
     assert ignored.token_ids == free and ignored.finish_reason == "length"
 
 
+def test_ignore_eos_alone_runs_a_16k_context_model_to_max_tokens(tmp_path):
+    """A suspected engine bug: with ignore_eos alone, a stream from the replica test's random 16k-context model
+    "stopped after 28 tokens". It was the client: `next(response.iter_lines())` drops its line iterator at once, and
+    httpcore closes the connection when that generator is collected, so the server aborts the stream (and meters what
+    it sent). The engine itself runs every sequence to max_tokens, EOS drawn or not."""
+    make_checkpoint(tmp_path, family_config("qwen2", num_hidden_layers=2, max_position_embeddings=16384), seed=3)
+    llm = LLM.load(tmp_path, dtype="float32", num_kv_blocks=64)
+    assert llm.engine.max_model_len == 16384 and llm.eos_token_ids == {1}
+    params = [SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0, seed=seed, logit_bias={1: 3.0})
+              for seed in range(4)]
+    outputs = llm.generate([[5, 9, 13]] * 4, params)
+    assert [(o.finish_reason, len(o.token_ids)) for o in outputs] == [("length", 200)] * 4
+    assert sum(o.token_ids.count(1) for o in outputs) > 0  # EOS was drawn, and ignored
+
+
 def test_generation_config_sampling_defaults(checkpoint, tmp_path):
     custom = LLM.load(with_generation_config(checkpoint, tmp_path, temperature=0.6, top_k=0, top_p=0.9),
                       num_kv_blocks=16)
