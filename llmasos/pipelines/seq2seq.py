@@ -136,9 +136,6 @@ class Seq2SeqLM:
         groups: list[RequestGroup] = []
         for step in self.stream(id_lists, params):
             groups = step  # the same groups every step, filled in further
-        if not groups:  # max_tokens=0: nothing was decoded
-            return [[CompletionOutput(k, "", [], "length", [] if params.logprobs is not None else None)
-                     for k in range(params.n)] for _ in id_lists]
         return [group.output().outputs for group in groups]
 
     @torch.inference_mode()
@@ -150,11 +147,6 @@ class Seq2SeqLM:
         Choice (incremental detokenization, stop strings): the rules of decoder-only generation, not a copy of
         them. Stop iterating to abort."""
         n = params.n
-        if params.max_tokens == 0:
-            return
-        input_ids, mask = self._padded(id_lists)
-        encoded = self.model.encode(input_ids, mask).repeat_interleave(n, dim=0)  # one row per returned sequence
-        cache = self.model.new_cache(encoded, mask.repeat_interleave(n, dim=0))
         start = self.config.decoder_start_token_id
         request_ids = request_ids or [f"seq2seq-{self._next_id()}" for _ in id_lists]
         groups, rows = [], []
@@ -167,6 +159,14 @@ class Seq2SeqLM:
                 choices.append(Choice(rows[-1].request_id, k, params, detokenizer))
             groups.append(RequestGroup(request_id, None, ids, choices))
         choices = [choice for group in groups for choice in group.children]
+        if params.max_tokens == 0:  # (a key's quota can leave no room) finished before the first token
+            for choice in choices:
+                choice.finish_reason = "length"
+            yield groups
+            return
+        input_ids, mask = self._padded(id_lists)
+        encoded = self.model.encode(input_ids, mask).repeat_interleave(n, dim=0)  # one row per returned sequence
+        cache = self.model.new_cache(encoded, mask.repeat_interleave(n, dim=0))
         step_input = torch.full((len(rows), 1), start, dtype=torch.long, device=self.device)
         while True:
             logits = self.model.decode_step(step_input, cache)[:, -1]  # (rows, vocab) float32

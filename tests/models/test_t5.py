@@ -92,6 +92,32 @@ def test_sampling_is_seeded_and_returns_n_sequences(checkpoint):
                for o in first.outputs)
 
 
+def test_sampling_is_the_engine_samplers(checkpoint):
+    """Seeds per sequence (a choice does not depend on its batch), penalties honoured, deltas add up, max_tokens 0."""
+    directory, _ = checkpoint
+    seq2seq = Seq2SeqLM.load(directory, dtype="float32")
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=2)
+    alone = seq2seq.generate(TEXTS[0], params)[0]
+    batched = seq2seq.generate(TEXTS, params)[0]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in batched.outputs]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    plain = seq2seq.generate(TEXTS[0], greedy)[0].token_ids
+    # Negative penalties reward repeats: the tokens already out win again (the old sampler ignored them).
+    penalized = seq2seq.generate(TEXTS[0], SamplingParams(max_tokens=12, temperature=0, frequency_penalty=-2.0,
+                                                          presence_penalty=-2.0))[0].token_ids
+    assert len(set(penalized)) < len(set(plain))
+    ids = seq2seq.tokenizer.encode(TEXTS[1])
+    texts, tokens = ["", ""], [[], []]
+    for groups in seq2seq.stream([ids], SamplingParams(max_tokens=9, temperature=1.0, seed=3, n=2, stop=["e"])):
+        for out in groups[0].output(delta=True).outputs:
+            texts[out.index] += out.text
+            tokens[out.index] += out.token_ids
+    whole = seq2seq.generate([ids], SamplingParams(max_tokens=9, temperature=1.0, seed=3, n=2, stop=["e"]))[0]
+    assert texts == [o.text for o in whole.outputs] and tokens == [o.token_ids for o in whole.outputs]
+    empty = seq2seq.generate(TEXTS[0], SamplingParams(max_tokens=0))[0].outputs[0]
+    assert (empty.text, empty.token_ids, empty.finish_reason) == ("", [], "length")
+
+
 def test_checkpoint_with_its_own_lm_head(tmp_path):
     """Hub T5 v1.1 checkpoints carry a separate lm_head and no output rescaling."""
     reference = make_t5_checkpoint(tmp_path, t5_config(feed_forward_proj="gated-gelu"))

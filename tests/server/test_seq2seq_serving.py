@@ -203,6 +203,26 @@ def test_eos_ends_a_choice_with_stop_and_is_counted(service):
     assert (ignored.choices[0].finish_reason, ignored.usage.completion_tokens) == ("length", 10)
 
 
+def generated_tokens(service: Service) -> float:
+    for line in httpx.get(service.base_url + "/metrics").text.splitlines():
+        if line.startswith(f'llmasos_generation_tokens_total{{model="{T5}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_goes_away_stops_the_decoding(service):
+    """The worker stops after the step in flight: the model is idle at once, and only what was sent is metered."""
+    served = service.manager.loaded()[T5]
+    before = generated_tokens(service)
+    body = {"model": T5, "prompt": TEXTS[1], "max_tokens": 512, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as client, client.stream("POST", service.base_url + "/v1/completions",
+                                                           json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: {")
+    wait_until(lambda: served.llm.num_in_flight == 0 and served.llm.metrics()["num_running"] == 0, timeout=10)
+    assert 1 <= generated_tokens(service) - before < 512
+
+
 def test_a_keyed_request_is_admitted_and_metered(service):
     """Last in this module: once a key exists, every request needs one."""
     key = auth.create_key("seq2seq-user")
