@@ -58,7 +58,8 @@ class ServedModel:
     spec: Any = None  # llmasos.spec.ModelSpec
     created: int = field(default_factory=lambda: int(time.time()))
     # "embed": an encoder on /v1/embeddings, llm and async_llm an EmbeddingService; "classify": a sequence classifier
-    # on /classify (and /v1/score, /v1/rerank), llm and async_llm a ClassifierService
+    # on /classify (and /v1/score, /v1/rerank), llm and async_llm a ClassifierService; "seq2seq": an encoder-decoder
+    # (T5) on /v1/completions (and chat, given a template), llm and async_llm a Seq2SeqService
     task: str = "generate"
 
     @property

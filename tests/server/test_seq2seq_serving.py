@@ -5,13 +5,16 @@ and beam search work through the official openai client, a keyed request writes 
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import assert_error, free_port, openai_client, sse_events, wait_until
+from conftest import REPO_ROOT, assert_error, free_port, openai_client, sse_events, wait_until
 from encoders_support import make_t5_checkpoint, t5_tokenizer
 from support import family_config, make_checkpoint
 
@@ -221,6 +224,32 @@ def test_a_client_that_goes_away_stops_the_decoding(service):
         assert next(lines).startswith("data: {")
     wait_until(lambda: served.llm.num_in_flight == 0 and served.llm.metrics()["num_running"] == 0, timeout=10)
     assert 1 <= generated_tokens(service) - before < 512
+
+
+@pytest.mark.slow
+def test_llmasos_serve_model_dir_serves_a_t5(home, reference):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llmasos", "serve", "--model", str(reference[0]),
+                                "--served-model-name", "t5-dir", "--port", str(port), "--dtype", "float32"],
+                               cwd=REPO_ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout=120, interval=0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["t5-dir"]
+        _, generated = transformers_greedy(reference[1], TEXTS[0], 8)
+        answer = client.completions.create(model="t5-dir", prompt=TEXTS[0], max_tokens=8, temperature=0)
+        assert answer.choices[0].text == t5_tokenizer().decode(generated, skip_special_tokens=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def test_a_keyed_request_is_admitted_and_metered(service):
