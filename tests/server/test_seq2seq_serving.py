@@ -267,6 +267,14 @@ def test_a_keyed_request_is_admitted_and_metered(service):
     assert sum(row["completion_tokens"] for row in rows) == sum(u.completion_tokens for u in seen)
     response = post(service, {"model": T5, "prompt": "x", "max_tokens": 2})
     assert_error(response, 401)
+    # A token quota caps the decoder as it caps a decoder-only model, then refuses.
+    prompt_tokens = len(t5_tokenizer()(TEXTS[0])["input_ids"])
+    quota = openai_client(service, auth.create_key("seq2seq-quota", token_quota=prompt_tokens + 5))
+    capped = quota.completions.create(model=T5, prompt=TEXTS[0], max_tokens=20, temperature=0, extra_body={
+        "ignore_eos": True})
+    assert (capped.usage.completion_tokens, capped.choices[0].finish_reason) == (5, "length")
+    with pytest.raises(openai.RateLimitError, match="quota"):
+        quota.completions.create(model=T5, prompt=TEXTS[0], max_tokens=20)
     events = list(sse_events(httpx.post(service.base_url + "/v1/completions", timeout=60,
                                         headers={"Authorization": f"Bearer {key}"},
                                         json={"model": T5, "prompt": "hi", "max_tokens": 3, "stream": True})))
