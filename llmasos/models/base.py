@@ -74,4 +74,8 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        """Every parameter of the model, counted once (tied weights); a quantized layer counts the weights it stands
+        for, as in the float checkpoint (its packed tensors are buffers)."""
+        unique = {id(p): p for p in self.parameters()}.values()
+        quantized = (m.num_weights() for m in self.modules() if callable(getattr(m, "num_weights", None)))
+        return sum(p.numel() for p in unique) + sum(quantized)

@@ -163,6 +163,10 @@ class QuantizedLinear(nn.Module):
         self.num_opaque_bytes = self.out_features * self.in_features
         return True
 
+    def num_weights(self) -> int:
+        """The parameters this layer stands for (its float weight and bias): not torch parameters once quantized."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
+
     def release_int8_copy(self) -> None:
         """Drop the int8 weight a w8a8 layer keeps beside fbgemm's packed one (quantized_tensors reads it back from
         fbgemm); a head whose rows an embedding reads keeps it."""

@@ -174,7 +174,7 @@ def usage_summary(key_name: str | None = None, since: dt.datetime | None = None)
     if since is not None:
         query = query.where(UsageRecord.created_at >= since)
     with session() as db:
-        rows = db.execute(query.order_by(UsageRecord.key_name, UsageRecord.model)).all()
+        rows = db.execute(query.order_by(UsageRecord.key_name.nulls_first(), UsageRecord.model)).all()  # as SQLite
     return [{"key": key, "model": model, "requests": int(n), "prompt_tokens": int(p or 0),
              "completion_tokens": int(c or 0), "cost": float(f"{float(cost or 0.0):.12g}")}
             for key, model, n, p, c, cost in rows]

@@ -40,7 +40,7 @@ def sampled(constraint: dict, n: int = NUM_SAMPLES, seed: int = 0, max_tokens: i
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_sampled_outputs_parse_and_validate_against_each_json_schema(llm, name):
     schema = SCHEMAS[name]
-    seed = zlib.crc32(name.encode()) % 1000  # str hash() differs per process
+    seed = zlib.crc32(name.encode()) % 1000  # the same in every process (str hash() is salted per process)
     output = llm.generate("Give me JSON:", sampled({"json": schema}, seed=seed))[0]
     assert len(output.outputs) == NUM_SAMPLES
     texts = set()

@@ -175,6 +175,7 @@ def test_family_equals_itself_with_dequantized_weights(family_checkpoint, method
     assert substitute_dequantized(reference, quantized) == expected_layers  # every projection and the head
     assert not any(isinstance(m, linear_types) for m in quantized.modules())
     assert isinstance(quantized.input_embeddings(), QuantizedEmbedding) == config.tie_word_embeddings
+    assert quantized.num_parameters() == reference.num_parameters()  # prices and /api/ps see the model's real size
     ours, theirs = batch_logits(quantized), batch_logits(reference)
     assert relative_rms(ours, theirs) < 0.02, family
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max(), family

@@ -55,10 +55,19 @@ def reference(checkpoint):
     return LLM.load(checkpoint, dtype="float32")
 
 
+# Every server module runs on both databases unless it sets DATABASES itself (with the reason it needs only one).
+# LLMASOS_TEST_DATABASES=sqlite (or postgresql) narrows a local run to one.
+ALL_DATABASES = ("sqlite", "postgresql")
+
+
 def pytest_generate_tests(metafunc):
-    """A module that sets DATABASES = ("sqlite", "postgresql") runs each of its tests that use `home` on each."""
-    databases = getattr(metafunc.module, "DATABASES", None)
-    if databases and "home" in metafunc.fixturenames:
+    """Each test that uses `home` (or `fresh_home`) runs on each database its module names (DATABASES), by default
+    SQLite and PostgreSQL: the whole server and keys suite is the test of the PostgreSQL backend too."""
+    databases = tuple(getattr(metafunc.module, "DATABASES", ALL_DATABASES))
+    wanted = os.environ.get("LLMASOS_TEST_DATABASES")
+    if wanted:
+        databases = tuple(d for d in databases if d in wanted.split(",")) or databases[:1]
+    if "home" in metafunc.fixturenames:
         metafunc.parametrize("home", databases, indirect=True, scope="module")
 
 
@@ -78,6 +87,24 @@ def home(request, tmp_path_factory) -> Iterator[Path]:
             upgrade(url)
             patch.setenv("LLMASOS_DATABASE_URL", url)
         yield path
+
+
+@pytest.fixture
+def fresh_home(home, request, tmp_path, monkeypatch) -> Path:
+    """An empty LLMASOS_HOME of the test's own on the module's database kind: a new SQLite file, or a new database
+    on the session's PostgreSQL server (for tests that need no keys, or keys of their own)."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("LLMASOS_HOME", str(path))
+    monkeypatch.delenv("LLMASOS_DATABASE_URL", raising=False)
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("home") == "postgresql":
+        from llmasos.db import upgrade
+
+        url = request.getfixturevalue("postgres").create_database()
+        upgrade(url)
+        monkeypatch.setenv("LLMASOS_DATABASE_URL", url)
+    return path
 
 
 def start_service(models: dict[str, Path], **settings) -> Service:

@@ -17,8 +17,6 @@ from conftest import MODEL, assert_error, cli, create_key, openai_client, start_
 
 from llmasos.server import auth
 
-DATABASES = ("sqlite", "postgresql")  # every test using `home` runs on both (see conftest.py)
-
 
 @pytest.fixture(scope="module")
 def keyed(home, checkpoint):
@@ -150,8 +148,7 @@ def test_a_key_limited_to_other_models_gets_403_for_this_one(keyed):
         client.completions.create(model="some-other-model", prompt="x", max_tokens=1)
 
 
-def test_revoking_the_only_key_locks_the_server_rather_than_opening_it(tmp_path, monkeypatch, checkpoint):
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path))
+def test_revoking_the_only_key_locks_the_server_rather_than_opening_it(fresh_home, checkpoint):
     secret = create_key("only")
     service = start_service({MODEL: checkpoint})
     try:

@@ -17,7 +17,6 @@ from sqlalchemy import event
 from llmasos.db import get_engine
 from llmasos.server import auth
 
-DATABASES = ("sqlite", "postgresql")
 ENCODER = "minilm"
 
 

@@ -15,6 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 pytestmark = pytest.mark.slow
+DATABASES = ("sqlite",)  # what a browser shows and does; the console SQL runs on both in test_console_queries
 admin_key, browser, console_server = support.admin_key, support.browser, support.console_server  # the fixtures
 
 

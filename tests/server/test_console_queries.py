@@ -16,8 +16,7 @@ from llmasos.server.console import queries
 
 
 @pytest.fixture
-def rows(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+def rows(fresh_home):
     day = dt.datetime(2026, 3, 10, 12)
     data = [("alice", "m1", day, 10, 5, 0.5), ("alice", "m1", day + dt.timedelta(hours=11), 1, 1, 0.25),
             ("alice", "m2", day + dt.timedelta(days=2), 2, 2, 1.0), ("bob", "m1", day - dt.timedelta(days=1), 7, 0, 0),

@@ -19,6 +19,7 @@ from llmasos.db import session
 from llmasos.server.auth import UsageRecord, create_key
 
 pytestmark = pytest.mark.slow
+DATABASES = ("sqlite",)  # pictures for the docs
 admin_key, browser, console_server = support.admin_key, support.browser, support.console_server  # the fixtures
 
 

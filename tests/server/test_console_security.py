@@ -189,8 +189,7 @@ def test_payloads_in_names_and_chat_render_as_text(console_server, browser, admi
     _no_script_ran(browser)
 
 
-def test_without_keys_the_console_is_open_on_loopback_only(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "keyless-home"))
+def test_without_keys_the_console_is_open_on_loopback_only(fresh_home, checkpoint):
     service = start_service({MODEL: checkpoint})
     try:
         client = httpx.Client(base_url=service.base_url)

@@ -138,8 +138,7 @@ def test_cors_preflight_and_headers_only_for_configured_origins(guarded):
     assert status == 415 and headers["access-control-allow-origin"] == ORIGIN  # the page can read why
 
 
-def test_with_keys_any_host_is_served_with_the_key_and_preflights_need_none(tmp_path, monkeypatch, checkpoint):
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path))
+def test_with_keys_any_host_is_served_with_the_key_and_preflights_need_none(fresh_home, checkpoint):
     key = create_key("guard")
     service = start_service({MODEL: checkpoint}, cors_origins=(ORIGIN,))
     try:

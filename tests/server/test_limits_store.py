@@ -12,8 +12,6 @@ from llmasos.server import auth
 from llmasos.server.metering import Limiter
 from llmasos.server.protocol import APIError
 
-DATABASES = ("sqlite", "postgresql")
-
 
 def key(name: str, **limits) -> auth.KeyInfo:
     return auth.lookup_key(auth.create_key(name, **limits))

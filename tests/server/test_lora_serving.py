@@ -169,7 +169,7 @@ def test_keys_are_scoped_to_adapters_and_loading_needs_an_admin_key(service, mad
         json.dumps({})  # keys stay: this module's home is its own
 
 
-def test_serve_lora_flag_serves_adapters_on_the_base(made, tmp_path):
+def test_serve_lora_flag_serves_adapters_on_the_base(made, fresh_home):
     import os
     import subprocess
     import time
@@ -177,7 +177,7 @@ def test_serve_lora_flag_serves_adapters_on_the_base(made, tmp_path):
     from conftest import REPO_ROOT
 
     port = free_port()
-    env = {**os.environ, "LLMASOS_HOME": str(tmp_path / "home")}  # keyless: this module's home has keys by now
+    env = dict(os.environ)  # fresh_home, keyless: this module's home has keys by now
     process = subprocess.Popen([sys.executable, "-m", "llmasos", "serve", "--model", str(made["base"]), "--lora",
                                 f"support={made['support']}", "--port", str(port), "--dtype", "float32",
                                 "--engine-in-process", "--log-level", "warning"], cwd=REPO_ROOT,
@@ -201,13 +201,12 @@ def test_serve_lora_flag_serves_adapters_on_the_base(made, tmp_path):
     assert bad.returncode == 2 and "NAME=ADAPTER_DIR" in bad.stderr
 
 
-def test_a_library_model_with_an_adapter_is_served_unmerged_while_its_base_is_loaded(made, tmp_path, monkeypatch):
+def test_a_library_model_with_an_adapter_is_served_unmerged_while_its_base_is_loaded(fresh_home, made):
     """Issue 15: a Modelfile ADAPTER model whose base is being served runs on the base's engine as an adapter (one
     copy of the weights), with its own SYSTEM and PARAMETERs; with the base not loaded it loads merged on its own."""
     from llmasos.library.importer import import_directory
     from llmasos.library.modelfile import create_model
 
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
     import_directory(made["base"], "base")
     create_model("tuned", f"FROM base\nADAPTER {made['support']}\nSYSTEM You are terse.\nPARAMETER temperature 0\n")
     manager = ModelManager(library=True, load_options={"dtype": "float32"}, max_loaded=3)

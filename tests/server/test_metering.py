@@ -14,8 +14,6 @@ from conftest import MODEL, assert_error, cli, engine_idle, openai_client, sse_e
 from llmasos.server import auth
 from llmasos.server.metering import PriceTable, default_price
 
-DATABASES = ("sqlite", "postgresql")  # every test using `home` runs on both (see conftest.py)
-
 
 @pytest.fixture(scope="module")
 def metered(home, long_checkpoint):

@@ -50,8 +50,7 @@ def test_is_loopback():
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.com", "localhost.evil.com"))
 
 
-def test_without_keys_a_public_bind_is_refused_unless_explicitly_allowed(tmp_path, monkeypatch, checkpoint):
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path))
+def test_without_keys_a_public_bind_is_refused_unless_explicitly_allowed(fresh_home, checkpoint):
     for host in ("127.0.0.1", "localhost", "::1"):
         check_bind(host, allow_unauthenticated=False)
     for host in ("0.0.0.0", "::", "10.1.2.3"):
@@ -70,17 +69,17 @@ def test_without_keys_a_public_bind_is_refused_unless_explicitly_allowed(tmp_pat
     check_bind("0.0.0.0", allow_unauthenticated=False)  # with a key, the API is guarded: binding is fine
 
 
-def test_served_model_name_applies_to_one_model(checkpoint, other_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path))
+def test_served_model_name_applies_to_one_model(fresh_home, checkpoint, other_checkpoint):
     result = CliRunner().invoke(llmasos_cli, ["serve", "--model", str(checkpoint), "--model", str(other_checkpoint),
                                               "--served-model-name", "x"])
     assert result.exit_code == 2 and "--served-model-name" in result.output
 
 
 @pytest.mark.slow
-def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(tmp_path, long_checkpoint, other_checkpoint):
+def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(fresh_home, tmp_path, long_checkpoint,
+                                                                  other_checkpoint):
     port = free_port()
-    env = {**os.environ, "LLMASOS_HOME": str(tmp_path)}
+    env = dict(os.environ)  # fresh_home: its LLMASOS_HOME (and database)
     log = (tmp_path / "serve.log").open("w")
     command = [sys.executable, "-m", "llmasos", "serve", "--model", str(long_checkpoint), "--model",
                str(other_checkpoint), "--port", str(port), "--dtype", "float32", "--log-level", "warning"]

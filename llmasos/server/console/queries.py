@@ -63,7 +63,8 @@ def usage_by_key_and_model(start: dt.date, end: dt.date, key: str | None = None,
     query = select(UsageRecord.key_name, UsageRecord.model, *_totals()).group_by(UsageRecord.key_name,
                                                                                   UsageRecord.model)
     with session() as db:
-        rows = db.execute(_window(query, start, end, key, model).order_by(UsageRecord.key_name,
+        # keyless usage (NULL key) first on every database: PostgreSQL sorts NULL last unless told
+        rows = db.execute(_window(query, start, end, key, model).order_by(UsageRecord.key_name.nulls_first(),
                                                                           UsageRecord.model)).all()
     return [{"key": key, "model": model, **_row(rest)} for key, model, *rest in rows]
 
