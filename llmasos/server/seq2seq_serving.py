@@ -1,12 +1,13 @@
 """Encoder-decoder (T5) models behind POST /v1/completions: `Seq2SeqService` stands in a ServedModel's LLM and
-AsyncLLM, as EmbeddingService does for an encoder, and streams as AsyncLLM does: each request's prompt decodes in a
-worker thread, one request at a time, and every step's delta (RequestOutput) reaches the caller's event loop at once,
-so the completion routes, Job, metering and streaming are the decoder-only ones."""
+AsyncLLM, as EmbeddingService does for an encoder, and streams as AsyncLLM does: the model's worker thread decodes one
+request's prompt at a time, first come first served, and every step's delta (RequestOutput) reaches the caller's event
+loop at once, so the completion routes, Job, metering and streaming are the decoder-only ones."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,36 @@ class Seq2SeqService(OneAtATimeService):
         self.vocab_size: int = seq2seq.config.vocab_size
         self.max_model_len = max_model_len
         self._in_flight = 0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (sequences, decode, fail) in arrival order; None: stop
+        self._worker = threading.Thread(target=self._work, name="llmasos-seq2seq", daemon=True)
+        self._worker.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop: the request decoding now ends after its step, the ones waiting fail (EngineDeadError)."""
+        super().shutdown(timeout)
+        self._jobs.put(None)
+        self._worker.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return not self._stopped and self._worker.is_alive()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            count, decode, fail = job
+            with self._count_lock:
+                self._waiting -= count
+                self._running = count
+            try:
+                if self._stopped:  # nobody waits forever
+                    raise EngineDeadError("the model was unloaded before this request ran")
+                decode()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+                if not isinstance(exc, EngineDeadError):
+                    log.exception("seq2seq generation failed")
+                fail(exc)
+            finally:
+                self._running = 0
 
     @property
     def num_in_flight(self) -> int:
@@ -61,12 +92,12 @@ class Seq2SeqService(OneAtATimeService):
         if not self.is_alive:
             raise EngineDeadError("the model was unloaded")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        deltas: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
         def put(item) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(deltas.put_nowait, item)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
                 cancelled.set()
 
@@ -85,21 +116,16 @@ class Seq2SeqService(OneAtATimeService):
                 if cancelled.is_set():
                     return
 
-        def work() -> None:
-            try:
-                self.run(params.n, decode)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
-                log.exception("seq2seq generation failed")
-                put(exc)
-
         self._in_flight += 1
-        threading.Thread(target=work, name=f"llmasos-seq2seq-{request_id}", daemon=True).start()
+        with self._count_lock:
+            self._waiting += params.n
+        self._jobs.put((params.n, decode, put))
         try:
             while True:
-                item = await queue.get()
+                item = await deltas.get()
                 # Deltas that piled up while the caller was busy travel as one, as AsyncLLM's do.
-                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
-                    following = queue.get_nowait()
+                while not isinstance(item, BaseException) and not item.finished and not deltas.empty():
+                    following = deltas.get_nowait()
                     item = following if isinstance(following, BaseException) else merge_deltas(item, following)
                 if isinstance(item, BaseException):
                     raise item

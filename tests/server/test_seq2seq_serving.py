@@ -5,6 +5,7 @@ and beam search work through the official openai client, a keyed request writes 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -18,9 +19,13 @@ from conftest import REPO_ROOT, assert_error, free_port, openai_client, sse_even
 from encoders_support import make_t5_checkpoint, t5_tokenizer
 from support import family_config, make_checkpoint
 
+from llmasos import SamplingParams
+from llmasos.engine.async_llm import EngineDeadError
 from llmasos.library.importer import import_directory
+from llmasos.pipelines.seq2seq import Seq2SeqLM
 from llmasos.server import auth
 from llmasos.server.lifecycle import ModelManager
+from llmasos.server.seq2seq_serving import Seq2SeqService
 from llmasos.server.serving import Service
 from llmasos.server.state import ServerSettings
 
@@ -159,6 +164,44 @@ def test_chat_through_a_chat_template_is_the_completion_of_its_rendering(service
                                         "tools": [{"type": "function", "function": {"name": "f"}}]},
                               "/v1/chat/completions"), 400)
     assert error["param"] == "tools"
+
+
+def test_requests_decode_first_come_first_served_and_fail_when_the_model_stops(reference):
+    """The service alone: one worker decodes request after request in arrival order; stopping it ends the request
+    decoding now and the waiting ones with EngineDeadError (no caller waits forever)."""
+    service = Seq2SeqService(Seq2SeqLM.load(reference[0], dtype="float32"), 512)
+    ids = service.tokenizer.encode(TEXTS[0])
+    short = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+    async def finishing_order() -> list[str]:
+        order: list[str] = []
+
+        async def one(name: str) -> None:
+            async for delta in service.generate(ids, short, name):
+                if delta.finished:
+                    order.append(name)
+
+        await asyncio.gather(*(one(f"r{i}") for i in range(4)))
+        return order
+
+    assert asyncio.run(finishing_order()) == ["r0", "r1", "r2", "r3"]
+    assert service.num_in_flight == 0 and service.metrics()["num_waiting"] == 0
+    wait_until(lambda: service.metrics()["num_running"] == 0)  # set by the worker just after the last delta
+
+    async def stopped_midway() -> list:
+        long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+
+        async def one(name: str, stop: bool):
+            async for _ in service.generate(ids, long, name):
+                if stop:  # the first delta is out: stop the model (as an unload does, off the event loop)
+                    await asyncio.to_thread(service.shutdown)
+            return name
+
+        return await asyncio.gather(one("running", True), one("waiting", False), return_exceptions=True)
+
+    results = asyncio.run(stopped_midway())
+    assert [type(result) for result in results] == [EngineDeadError, EngineDeadError]
+    assert not service.is_alive
 
 
 def test_what_a_seq2seq_model_does_not_do_is_an_openai_400(service):
