@@ -258,6 +258,7 @@ def generated_tokens(service: Service) -> float:
 
 def test_a_client_that_goes_away_stops_the_decoding(service):
     """The worker stops after the step in flight: the model is idle at once, and only what was sent is metered."""
+    assert post(service, {"model": T5, "prompt": "x", "max_tokens": 1}).status_code == 200  # loaded
     served = service.manager.loaded()[T5]
     before = generated_tokens(service)
     body = {"model": T5, "prompt": TEXTS[1], "max_tokens": 512, "ignore_eos": True, "stream": True}
