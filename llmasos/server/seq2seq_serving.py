@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from llmasos.engine.async_llm import EngineDeadError, merge_deltas
@@ -51,6 +52,7 @@ class Seq2SeqService(OneAtATimeService):
         return not self._stopped and self._worker.is_alive()
 
     def _work(self) -> None:
+        """The worker: each request's prompts in one batch, requests in arrival order."""
         while (job := self._jobs.get()) is not None:
             count, decode, fail = job
             with self._count_lock:
@@ -86,13 +88,22 @@ class Seq2SeqService(OneAtATimeService):
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str,
                        beams: Any = None) -> AsyncIterator[RequestOutput]:
-        """Yield deltas (new text and token ids of each of the n outputs) until the request finishes; with `beams`
-        (BeamSettings, num_beams > 1) one delta at the end, since beam search knows its winners only then. Closing the
-        stream early (a client that went away) stops the decoding after its current step."""
+        """Yield deltas (new text and token ids of each of the n outputs) until the request finishes: AsyncLLM's
+        `generate` for one prompt (see generate_many)."""
+        async with aclosing(self.generate_many([prompt], params, [request_id], beams)) as stream:
+            async for _, delta in stream:
+                yield delta
+
+    async def generate_many(self, prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
+                            beams: Any = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Decode the prompts of one request as one batch: yields (prompt index, delta) until every prompt has
+        finished. With `beams` (BeamSettings, num_beams > 1) one delta per prompt at the end, since beam search knows
+        its winners only then. Closing the stream early (a client that went away) stops the decoding after its
+        current step."""
         if not self.is_alive:
             raise EngineDeadError("the model was unloaded")
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
+        deltas: asyncio.Queue = asyncio.Queue()  # (prompt index, RequestOutput), or an exception
         cancelled = threading.Event()
 
         def put(item) -> None:
@@ -105,35 +116,47 @@ class Seq2SeqService(OneAtATimeService):
             if cancelled.is_set():  # gone while it waited for its turn
                 return
             if beams is not None:
-                output = self.seq2seq.generate([prompt], params, beams=beams)[0]
-                put(RequestOutput(request_id, None, prompt, output.outputs, True))
+                outputs = self.seq2seq.generate(prompts, params, beams=beams)
+                for index, output in enumerate(outputs):
+                    put((index, RequestOutput(request_ids[index], None, prompts[index], output.outputs, True)))
                 return
-            for groups in self.seq2seq.stream([prompt], params, [request_id]):
+            done = [False] * len(prompts)
+            for groups in self.seq2seq.stream(prompts, params, request_ids):
                 if self._stopped:
-                    put(EngineDeadError("the model was unloaded while generating this request"))
-                    return
-                put(groups[0].output(delta=True))
+                    raise EngineDeadError("the model was unloaded while generating this request")
+                for index, group in enumerate(groups):
+                    if not done[index]:
+                        delta = group.output(delta=True)
+                        done[index] = delta.finished
+                        put((index, delta))
                 if cancelled.is_set():
                     return
 
-        self._in_flight += 1
+        count = params.n * len(prompts)
+        self._in_flight += len(prompts)
         with self._count_lock:
-            self._waiting += params.n
-        self._jobs.put((params.n, decode, put))
+            self._waiting += count
+        self._jobs.put((count, decode, put))
+        unfinished, held = len(prompts), None
         try:
-            while True:
-                item = await deltas.get()
-                # Deltas that piled up while the caller was busy travel as one, as AsyncLLM's do.
-                while not isinstance(item, BaseException) and not item.finished and not deltas.empty():
-                    following = deltas.get_nowait()
-                    item = following if isinstance(following, BaseException) else merge_deltas(item, following)
+            while unfinished:
+                item = held if held is not None else await deltas.get()
+                held = None
                 if isinstance(item, BaseException):
                     raise item
-                yield item
-                if item.finished:
-                    return
+                index, delta = item
+                # Deltas of a prompt that piled up while the caller was busy travel as one, as AsyncLLM's do.
+                while not delta.finished and not deltas.empty():
+                    following = deltas.get_nowait()
+                    if isinstance(following, BaseException) or following[0] != index:
+                        held = following
+                        break
+                    delta = merge_deltas(delta, following[1])
+                yield index, delta
+                if delta.finished:
+                    unfinished -= 1
         finally:
-            self._in_flight -= 1
+            self._in_flight -= len(prompts)
             cancelled.set()
 
 

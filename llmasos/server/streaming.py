@@ -109,6 +109,12 @@ class Job:
                 async for delta in stream:
                     yield 0, delta
             return
+        if hasattr(engine, "generate_many"):  # an encoder-decoder's service: the prompts decode as one batch
+            async with aclosing(engine.generate_many(self.prompts, self.params, [
+                    f"{self.request_id}-{index}" for index in range(len(self.prompts))], **options)) as stream:
+                async for index, delta in stream:
+                    yield index, delta
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, prompt: list[int]) -> None:
