@@ -1,7 +1,7 @@
 """Encoder-decoder (T5) models behind POST /v1/completions: `Seq2SeqService` stands in a ServedModel's LLM and
 AsyncLLM, as EmbeddingService does for an encoder, and streams as AsyncLLM does: the model's worker thread decodes one
-request's prompt at a time, first come first served, and every step's delta (RequestOutput) reaches the caller's event
-loop at once, so the completion routes, Job, metering and streaming are the decoder-only ones."""
+request at a time (its prompts as one batch), first come first served, and every step's delta (RequestOutput) reaches
+the caller's event loop at once, so the completion routes, Job, metering and streaming are the decoder-only ones."""
 
 from __future__ import annotations
 
