@@ -82,7 +82,7 @@ def test_health_stays_fast_while_32_streams_run_and_metrics_are_polled(remote_se
             time.sleep(0.02)
     done.set()
     poller.join()
-    assert finished == [True] * 32 and len(latencies) >= 20
+    assert finished == [True] * 32 and len(latencies) >= 10  # ~20 ms apart while the streams run (0.4-1 s here)
     p99 = statistics.quantiles(latencies, n=100)[98]
     # Generous for a shared 2-core CI machine (the benchmark reports the real figure); a /health that waited for
     # engine steps or for /metrics would take whole seconds here.
