@@ -25,6 +25,7 @@ _EXPORTS = {
     "LLMTrainer": "llmasos.train.trainer",
     "TrainingArguments": "llmasos.train.arguments",
     "pipeline": "llmasos.pipelines",
+    "SemanticIndex": "llmasos.search",
 }
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from llmasos.outputs import CompletionOutput, RequestOutput
     from llmasos.pipelines import pipeline
     from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
+    from llmasos.search import SemanticIndex
     from llmasos.server.serving import LLMServing
     from llmasos.tokenizer import Tokenizer
     from llmasos.train.arguments import TrainingArguments
@@ -51,6 +53,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "LLM", "LLMServing", "LLMTrainer", "LLMasOSError",
-    "ModelLoadError", "RequestOutput", "SamplingParams", "StructuredOutputError", "StructuredOutputsParams",
-    "Tokenizer", "TrainingArguments", "pipeline",
+    "ModelLoadError", "RequestOutput", "SamplingParams", "SemanticIndex", "StructuredOutputError",
+    "StructuredOutputsParams", "Tokenizer", "TrainingArguments", "pipeline",
 ]

@@ -27,3 +27,11 @@ class TrainingDataError(LLMasOSError, ValueError):
 
 class LibraryError(LLMasOSError, ValueError):
     """A model library operation was refused or failed: bad name, unknown model, invalid checkpoint, failed pull."""
+
+
+class SearchError(LLMasOSError, ValueError):
+    """A semantic index cannot be created, changed or queried: bad name, unknown index, no documents, another model."""
+
+
+class IndexNotFoundError(SearchError):
+    """No semantic index of that name exists."""

@@ -38,17 +38,17 @@ def fsync_directory(path: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, markers: tuple[str, ...] = OUTPUT_MARKERS) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; when the block ends it is fsync'ed and renamed to
     `target`. A previous `target` (a model or adapter directory) stays intact until the new one is complete, then is
     replaced whole; if the block fails, the temporary directory is removed and `target` is untouched. A `target` that
-    exists but is not one of our outputs (no config.json or adapter_config.json, and not empty) is refused, so that
-    nothing else is ever deleted."""
+    exists but is not one of our outputs (none of `markers` — config.json or adapter_config.json — and not empty) is
+    refused, so that nothing else is ever deleted."""
     target = Path(target).absolute()
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not any((target / marker).is_file() for marker in OUTPUT_MARKERS):
+        if any(target.iterdir()) and not any((target / marker).is_file() for marker in markers):
             raise FileExistsError(f"{target} exists and is not a model directory; refusing to replace it (choose "
                                   "an empty or new directory)")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import click
 from llmasos import __version__
 
 # Each module defines `register(cli: click.Group)`; heavy imports (torch) happen inside the commands.
-COMMAND_MODULES = ("generate", "library", "serve", "running", "keys", "database", "train", "evaluate", "run")
+COMMAND_MODULES = ("generate", "library", "serve", "running", "keys", "database", "train", "evaluate", "run", "index")
 
 
 class CLIGroup(click.Group):

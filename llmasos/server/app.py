@@ -385,6 +385,9 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     from llmasos.server.score_routes import add_score_routes
 
     add_score_routes(protected, state)
+    from llmasos.server.index_routes import add_index_routes
+
+    add_index_routes(protected, state)
     from llmasos.server.tokenize_routes import add_tokenize_routes
 
     add_tokenize_routes(protected, state)

@@ -220,6 +220,16 @@ class RerankRequest(KeepAlive):
     user: str | None = None
 
 
+class IndexQueryRequest(StrictModel):
+    """POST /v1/indexes/{name}/query: the text to look up and how many chunks to return (top_k, or k)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    query: str
+    top_k: int | None = None
+    k: int | None = None
+
+
 class EmbeddingRequest(KeepAlive):
     model_config = ConfigDict(extra="ignore", strict=True)
 
