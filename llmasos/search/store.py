@@ -4,7 +4,6 @@ checked like library model names; every change writes a whole new directory and 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -117,13 +116,10 @@ def remove_index(name: str) -> None:
 @contextmanager
 def locked(name: str) -> Iterator[None]:
     """One writer per index at a time, across processes (an advisory lock file beside it)."""
-    path = indexes_dir() / f".{check_index_name(name)}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(indexes_dir() / f".{check_index_name(name)}.lock"):
+        yield
 
 
 def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:

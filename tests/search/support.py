@@ -1,0 +1,47 @@
+"""Shared pieces of the semantic-search tests: a few hundred distinct sentences, the MiniLM embedder loaded once, and
+the reference every index result is compared with: sentence-transformers' own normalised embeddings and a numpy dot."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import numpy as np
+from encoders_support import minilm_dir, sentence_transformer
+
+SUBJECTS = ["The cat", "A scheduler", "My grandmother", "The compiler", "A violinist", "The river", "Our server",
+            "A hungry fox", "The old sailor", "The database", "A child", "The orchestra"]
+VERBS = ["quietly watches", "rewrites", "sings about", "pages out", "forgets", "paints", "defends", "measures",
+         "follows", "repairs"]
+OBJECTS = ["the morning tide", "a stack of memory pages", "the winter garden", "an unfinished symphony",
+           "the locked kernel mutex", "a basket of apples", "the distant mountains", "every broken test"]
+QUERIES = ["an animal looking at the sea", "operating system memory management", "music played by an orchestra",
+           "fixing software that fails", "fruit in a basket"]
+
+
+@functools.cache
+def sentences(count: int = 300) -> tuple[str, ...]:
+    """`count` distinct sentences, the same every run."""
+    every = [f"{s} {v} {o}." for s in SUBJECTS for v in VERBS for o in OBJECTS]
+    return tuple(random.Random(4).sample(every, count))
+
+
+@functools.cache
+def minilm():
+    from llmasos.embeddings import Embedder
+
+    return Embedder.load(minilm_dir())
+
+
+def reference_top_k(texts: list[str], query: str, k: int) -> tuple[list[int], np.ndarray]:
+    """Exact cosine search by sentence-transformers: row numbers of the k best texts and their scores, best first."""
+    model = sentence_transformer(str(minilm_dir()))
+    corpus = _encoded(tuple(texts))
+    scores = corpus @ model.encode([query], normalize_embeddings=True)[0]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [int(i) for i in order], scores[order]
+
+
+@functools.cache
+def _encoded(texts: tuple[str, ...]) -> np.ndarray:
+    return sentence_transformer(str(minilm_dir())).encode(list(texts), normalize_embeddings=True, batch_size=64)
