@@ -111,8 +111,6 @@ def delete(name, ids, source) -> None:
     from llmasos.search import SemanticIndex
 
     id_list = [value.strip() for value in ids.split(",") if value.strip()] if ids else []
-    if not id_list and source is None:
-        raise click.UsageError("give --ids or --source")
     opened = SemanticIndex.open(name)
     removed = opened.delete(id_list, source=source)
     click.echo(f"deleted {removed} chunks from index {name!r} ({opened.num_chunks} left)")
@@ -128,8 +126,6 @@ def query(name, text, k, as_json) -> None:
     from llmasos.search import SemanticIndex
 
     opened = SemanticIndex.open(name)
-    if not text.strip():
-        raise click.UsageError("the query text must not be empty")
     _threads()
     hits = opened.query(text, k)
     if as_json:
