@@ -222,6 +222,27 @@ def show(title: str, results: list[Result]) -> None:
               f"{r.build_s:.2f} | {r.memory_mb:.0f} | {'' if np.isnan(r.file_mb) else f'{r.file_mb:.1f}'} |")
 
 
+def exact_sizes(data: np.ndarray, queries: np.ndarray, sizes: list[int]) -> None:
+    """usearch's exact scan at growing index sizes: where it stops meeting the 2 ms goal (GraphSettings.exact_below)."""
+    import usearch.index as us
+
+    rows = []
+    for size in sizes:
+        subset = np.ascontiguousarray(data[:size])
+        times = []
+        for query in queries[:100]:
+            start = time.perf_counter()
+            us.search(subset, query, K, us.MetricKind.IP, exact=True, threads=1)
+            times.append(time.perf_counter() - start)
+        times_ms = np.array(times) * 1e3
+        rows.append((size, float(np.percentile(times_ms, 50)), float(np.percentile(times_ms, 99))))
+    print("usearch exact scan by size:")
+    print("| vectors | p50 ms | p99 ms |")
+    print("|---:|---:|---:|")
+    for size, p50, p99 in rows:
+        print(f"| {size:,} | {p50:.3f} | {p99:.3f} |")
+
+
 def unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
@@ -251,6 +272,8 @@ def main() -> None:
     parser.add_argument("--connectivity", type=int, default=32, help="HNSW graph degree (M)")
     parser.add_argument("--ef", default="64,256,512", help="HNSW search breadths to try")
     parser.add_argument("--skip", default="", help="comma list: slow (faiss HNSW), sqlite")
+    parser.add_argument("--exact-sizes", default="2000,5000,10000,20000,50000",
+                        help="index sizes at which to time usearch's exact scan (empty: skip)")
     parser.add_argument("--max-sqlite-queries", type=int, default=50, help="sqlite-vec scans everything: fewer")
     args = parser.parse_args()
     import torch
@@ -262,6 +285,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = unit(rng.standard_normal((args.num_vectors, args.dim), dtype=np.float32))
     queries = unit(rng.standard_normal((args.num_queries, args.dim), dtype=np.float32))
+    sizes = [int(v) for v in args.exact_sizes.split(",") if v and int(v) <= args.num_vectors]
+    if sizes:
+        exact_sizes(data, queries, sizes)
     run(f"{args.num_vectors:,} random unit vectors, {args.dim}-d, {args.num_queries} queries", data, queries,
         args.threads, args.connectivity, ef_values, skip, args.max_sqlite_queries)
     del data

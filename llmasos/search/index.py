@@ -49,7 +49,8 @@ def _now() -> str:
 
 
 def _model_reference(model: str | Path) -> str:
-    """What the manifest records: a library name as given, a directory as an absolute path."""
+    """What the manifest records for a model given with its Embedder: a directory as an absolute path, else the
+    name as given."""
     text = str(model)
     path = Path(text).expanduser()
     return str(path.resolve()) if ("/" in text or text.startswith(".")) and path.exists() else text
@@ -104,10 +105,15 @@ class SemanticIndex:
             if store.exists(name):
                 raise SearchError(f"index {name!r} already exists: add to it with `llmasos index add`, or remove it "
                                   "first with `llmasos index rm`")
-            embedder = embedder or load_embedder(model)
+            if embedder is None:
+                embedder = load_embedder(model)
+                spec = embedder.spec  # a library model is recorded by name, a directory by its absolute path
+                reference = spec.name if spec.library else str(Path(spec.path).resolve())
+            else:
+                reference = _model_reference(model)
             max_tokens = embedder.max_seq_length - _num_special_tokens(embedder)
             now = _now()
-            manifest = {"format": store.FORMAT_VERSION, "name": name, "model": _model_reference(model),
+            manifest = {"format": store.FORMAT_VERSION, "name": name, "model": reference,
                         "model_path": str(embedder.path) if embedder.path else None,
                         "dimension": embedder.dimension, "normalize": True, "metric": "cosine",
                         "chunking": chunking.resolved(max_tokens).to_dict(), "backend": "usearch",

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llmasos.errors import IndexNotFoundError, SearchError
 from llmasos.server.app import forbidden, parse_body, use_model
-from llmasos.server.embeddings_routes import EMBED_TASK, load_embedding_model
+from llmasos.server.embeddings_routes import EMBED_TASK, EmbeddingService
 from llmasos.server.protocol import APIError, IndexQueryRequest, clip
 from llmasos.server.score_routes import _metered, _usage
 from llmasos.server.state import ServedModel, ServerState
@@ -62,13 +62,13 @@ class IndexCache:
     def model(self, model: str) -> ServedModel:
         """An embedding model loaded for indexes (blocking, once per model)."""
         from llmasos.search.index import load_embedder
-        from llmasos.spec import resolve_spec
 
         with self._model_lock:
             served = self._models.get(model)
             if served is None:
-                load_embedder(model)  # refuses a model that does not embed, with the message the CLI gives
-                served = load_embedding_model(model, resolve_spec(model, device="cpu", dtype="float32"))
+                embedder = load_embedder(model)  # refuses a model that does not embed, as the CLI does
+                service = EmbeddingService(embedder)
+                served = ServedModel(id=model, llm=service, async_llm=service, spec=embedder.spec, task=EMBED_TASK)
                 self._models[model] = served
             return served
 

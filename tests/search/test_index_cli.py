@@ -137,3 +137,15 @@ def test_the_real_command_prints_no_traceback():
                             text=True, timeout=120, cwd=REPO_ROOT, env=dict(os.environ))
     assert result.returncode == 1 and result.stderr.startswith("error: index 'nope' does not exist"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_library_model_by_name(data):
+    assert "minilm" in ok("import", str(minilm_dir()), "--name", "minilm").output
+    ok("index", "create", "named", "--model", "minilm", "--data", str(data), "--quiet")
+    listed = {row["name"]: row for row in json.loads(ok("index", "list", "--json").stdout)}
+    assert listed["named"]["model"] == "minilm"  # recorded by name: a re-pulled model is picked up
+    printed = json.loads(ok("index", "query", "named", "fruit in a basket", "-k", "2", "--json").stdout)
+    expected = SemanticIndex.open("named", embedder=minilm()).query("fruit in a basket", 2)
+    assert [hit["id"] for hit in printed["data"]] == [hit.id for hit in expected] and printed["model"] == "minilm"
+    assert_one_error_line(run("index", "create", "other", "--model", "no-such-model", "--data", str(data)),
+                          "no-such-model")
