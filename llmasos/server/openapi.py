@@ -110,17 +110,47 @@ class ModelList(Described):
     data: list[ModelCard]
 
 
+class IndexHit(Described):
+    id: str
+    score: float
+    text: str
+    metadata: dict[str, Any]
+
+
+class IndexQueryResponse(Described):
+    object: Literal["list"]
+    index: str
+    model: str
+    data: list[IndexHit]
+    usage: EmbeddingUsage
+
+
+class IndexCard(Described):
+    id: str
+    object: Literal["index"]
+    model: str
+    dimension: int
+    chunks: int
+    size_bytes: int
+
+
+class IndexList(Described):
+    object: Literal["list"]
+    data: list[IndexCard]
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
 
 
 def request_models() -> dict[str, type[BaseModel]]:
     """The JSON body each POST route parses, by path."""
-    from llmasos.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+    from llmasos.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, IndexQueryRequest
     from llmasos.server.tokenize_routes import DetokenizeRequest, TokenizeRequest
 
     return {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-            "/v1/embeddings": EmbeddingRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+            "/v1/embeddings": EmbeddingRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+            "/v1/indexes/{name}/query": IndexQueryRequest}
 
 
 # The JSON each route answers with (what FastAPI cannot see in a route that returns a JSONResponse), by path and
@@ -131,6 +161,8 @@ RESPONSES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
     ("/v1/embeddings", "post"): (EmbeddingResponse, False),
     ("/v1/models", "get"): (ModelList, False),
     ("/v1/models/{model_id}", "get"): (ModelCard, False),
+    ("/v1/indexes", "get"): (IndexList, False),
+    ("/v1/indexes/{name}/query", "post"): (IndexQueryResponse, False),
     ("/health", "get"): (Health, False),
 }
 
