@@ -7,6 +7,7 @@ lines of the same text.
 
     python benchmarks/vector_index.py                           # 100,000 random vectors + 3,000 MiniLM lines
     python benchmarks/vector_index.py --num-vectors 20000 --num-lines 1000 --skip slow   # a quick look
+    python benchmarks/vector_index.py --num-vectors 0 --num-lines 20000   # real embeddings at a larger scale
 """
 
 from __future__ import annotations
@@ -247,7 +248,13 @@ def unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
-def minilm_data(num_lines: int, num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+def minilm_data(num_lines: int, num_queries: int, cache: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Unit MiniLM vectors of the first num_lines distinct lines, and of the num_queries lines after them (kept in
+    `cache`, an .npy file, when given: embedding 20,000 lines takes minutes on a busy 2-core machine)."""
+    if cache and Path(cache).is_file():
+        vectors = np.load(cache)
+        if len(vectors) >= num_lines + num_queries:
+            return vectors[:num_lines].copy(), vectors[num_lines:num_lines + num_queries].copy()
     from encoders_support import minilm_dir
 
     from llmasos.embeddings import Embedder
@@ -259,15 +266,18 @@ def minilm_data(num_lines: int, num_queries: int) -> tuple[np.ndarray, np.ndarra
     start = time.perf_counter()
     vectors = embedder.encode(chosen, batch_size=64, normalize=True).numpy()
     print(f"  embedded {len(chosen)} lines in {time.perf_counter() - start:.1f} s", flush=True)
+    if cache:
+        np.save(cache, vectors)
     return vectors[:num_lines].copy(), vectors[num_lines:].copy()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-vectors", type=int, default=100_000)
+    parser.add_argument("--num-vectors", type=int, default=100_000, help="random vectors (0: skip that data set)")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--num-queries", type=int, default=300)
     parser.add_argument("--num-lines", type=int, default=3000, help="MiniLM-embedded lines (0: skip)")
+    parser.add_argument("--embeddings-cache", default=None, help="an .npy file keeping the MiniLM vectors")
     parser.add_argument("--threads", type=int, default=2, help="threads for building; queries run on one")
     parser.add_argument("--connectivity", type=int, default=32, help="HNSW graph degree (M)")
     parser.add_argument("--ef", default="64,256,512", help="HNSW search breadths to try")
@@ -282,17 +292,18 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     ef_values = [int(v) for v in args.ef.split(",") if v]
     skip = {v for v in args.skip.split(",") if v}
-    rng = np.random.default_rng(0)
-    data = unit(rng.standard_normal((args.num_vectors, args.dim), dtype=np.float32))
-    queries = unit(rng.standard_normal((args.num_queries, args.dim), dtype=np.float32))
-    sizes = [int(v) for v in args.exact_sizes.split(",") if v and int(v) <= args.num_vectors]
-    if sizes:
-        exact_sizes(data, queries, sizes)
-    run(f"{args.num_vectors:,} random unit vectors, {args.dim}-d, {args.num_queries} queries", data, queries,
-        args.threads, args.connectivity, ef_values, skip, args.max_sqlite_queries)
-    del data
+    if args.num_vectors:
+        rng = np.random.default_rng(0)
+        data = unit(rng.standard_normal((args.num_vectors, args.dim), dtype=np.float32))
+        queries = unit(rng.standard_normal((args.num_queries, args.dim), dtype=np.float32))
+        sizes = [int(v) for v in args.exact_sizes.split(",") if v and int(v) <= args.num_vectors]
+        if sizes:
+            exact_sizes(data, queries, sizes)
+        run(f"{args.num_vectors:,} random unit vectors, {args.dim}-d, {args.num_queries} queries", data, queries,
+            args.threads, args.connectivity, ef_values, skip, args.max_sqlite_queries)
+        del data
     if args.num_lines:
-        lines, line_queries = minilm_data(args.num_lines, args.num_queries)
+        lines, line_queries = minilm_data(args.num_lines, args.num_queries, args.embeddings_cache)
         run(f"{len(lines):,} MiniLM embeddings of Tiny Shakespeare lines, {len(line_queries)} queries", lines,
             line_queries, args.threads, args.connectivity, ef_values, skip, args.max_sqlite_queries)
 
