@@ -19,7 +19,35 @@ DATABASES = ("sqlite",)
 
 
 @pytest.fixture(scope="module")
-def service(home):
+def on_loop(home):
+    """Database statements run on an event-loop thread while the module's server answers (there must be none)."""
+    import asyncio
+    import threading
+
+    from sqlalchemy import event
+
+    from llmasos.db import get_engine
+
+    seen: list[str] = []
+    executed = []
+
+    def check(_connection, _cursor, statement, *_args) -> None:
+        executed.append(statement)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        seen.append(f"{threading.current_thread().name}: {statement[:120]}")
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", check)
+    yield seen
+    assert any("usage" in statement.lower() for statement in executed), "the listener saw the metering"
+    event.remove(engine, "before_cursor_execute", check)
+
+
+@pytest.fixture(scope="module")
+def service(home, on_loop):
     texts = list(sentences()[:60])
     # "served": its manifest names the model "minilm", which this server serves; "by-path": a directory, which the
     # server loads for the index on first use.
@@ -61,7 +89,7 @@ def test_query_equals_the_in_process_index(service, key, name):
     assert len(post(service, name, {"query": "x"}, key).json()["data"]) == 5
 
 
-def test_keyed_query_is_metered(service, key):
+def test_keyed_query_is_metered(service, key, on_loop):
     from sqlalchemy import select
 
     from llmasos.db import session
@@ -77,6 +105,7 @@ def test_keyed_query_is_metered(service, key):
     assert (row.key_name, row.model, row.route) == ("searcher", SERVED, "index_query")
     assert row.prompt_tokens == response.json()["usage"]["prompt_tokens"] > 0
     assert httpx.post(f"{service.base_url}/v1/indexes/served/query", json={"query": "x"}, timeout=30).status_code == 401
+    assert on_loop == []  # admission, metering and key lookups ran in the thread pool
 
 
 def test_list_indexes(service, key):
