@@ -8,6 +8,7 @@ text and metadata; `query` embeds a text the same way and returns the most simil
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sqlite3
@@ -117,7 +118,7 @@ class SemanticIndex:
                         "model_path": str(embedder.path) if embedder.path else None,
                         "dimension": embedder.dimension, "normalize": True, "metric": "cosine",
                         "chunking": chunking.resolved(max_tokens).to_dict(), "backend": "usearch",
-                        "graph": (graph or GraphSettings()).__dict__, "num_chunks": 0, "num_documents": 0,
+                        "graph": dataclasses.asdict(graph or GraphSettings()), "num_chunks": 0, "num_documents": 0,
                         "next_document": 0, "created": now, "updated": now}
             index = cls(name, manifest, VectorIndex(embedder.dimension, GraphSettings(**manifest["graph"])),
                         embedder)
@@ -258,6 +259,7 @@ class SemanticIndex:
             vectors.index = kept.index.copy() if len(kept) else vectors.index
             vectors.remove(remove_keys)
             vectors.add(np.asarray(keys, dtype=np.uint64), new_vectors)
+            manifest["graph"] = dataclasses.asdict(vectors.tune())
             connection.commit()
             num_documents = connection.execute("select count(distinct doc_id) from chunks").fetchone()[0]
         finally:

@@ -11,15 +11,25 @@ import numpy as np
 VECTORS_FILE = "vectors.usearch"
 
 
+TUNING_BREADTHS = (64, 128, 256, 512, 1024)
+TUNING_QUERIES = 64
+TARGET_RECALL = 0.95
+K_TUNED = 10
+
+
 @dataclass(frozen=True)
 class GraphSettings:
-    """HNSW parameters. The defaults reach recall@10 >= 0.95 on 100,000 random 384-d vectors (the hard case) at
-    under 2 ms a query (docs/performance.md); below `exact_below` vectors every query is an exact scan instead."""
+    """HNSW parameters. Below `exact_below` vectors every query is an exact scan (under 2 ms a query up to 10,000
+    384-d vectors, docs/performance.md). Above it, `expansion_search` is chosen after each change by measurement
+    (`VectorIndex.tune`): the smallest breadth whose recall@10 reaches 0.95 against an exact scan; `exact` True when
+    none does (data without structure, such as random vectors, where a graph walk is no faster than a scan)."""
 
     connectivity: int = 32
     expansion_add: int = 128
-    expansion_search: int = 256
+    expansion_search: int = 128
     exact_below: int = 10_000
+    exact: bool = False
+    measured_recall: float | None = None  # recall@10 of the chosen setting on the sample, when tuned
 
     def __post_init__(self) -> None:
         for name in ("connectivity", "expansion_add", "expansion_search"):
@@ -27,6 +37,7 @@ class GraphSettings:
                 raise ValueError(f"{name} must be an integer of at least 2, got {getattr(self, name)!r}")
         if not isinstance(self.exact_below, int) or self.exact_below < 0:
             raise ValueError(f"exact_below must be a non-negative integer, got {self.exact_below!r}")
+
 
 
 class VectorIndex:
@@ -73,7 +84,34 @@ class VectorIndex:
         """(keys, scores) of the k most similar vectors, best first; scores are inner products."""
         if len(self.index) == 0:
             return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.float32)
-        exact = len(self.index) < self.settings.exact_below
+        exact = self.settings.exact or len(self.index) < self.settings.exact_below
         matches = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, len(self.index)),
                                     threads=1, exact=exact)
         return np.asarray(matches.keys), 1.0 - np.asarray(matches.distances, dtype=np.float32)
+
+    def tune(self, seed: int = 0) -> GraphSettings:
+        """Settings for this index's size and data: unchanged below `exact_below`; above it, the smallest search
+        breadth whose recall@10 on TUNING_QUERIES indexed vectors (each query's own vector left out) reaches
+        TARGET_RECALL, or exact scans when no breadth does. Sets and returns them."""
+        import dataclasses
+
+        if len(self.index) < self.settings.exact_below or len(self.index) <= K_TUNED + 1:
+            return self.settings
+        keys = np.fromiter(self.index.keys, dtype=np.uint64, count=len(self.index))
+        chosen = np.random.default_rng(seed).choice(keys, size=min(TUNING_QUERIES, len(keys)), replace=False)
+        queries = np.asarray(self.index.get(chosen), dtype=np.float32)  # (num_queries, dimension)
+        truth = [set(row[row != key][:K_TUNED].tolist())
+                 for row, key in zip(self.index.search(queries, K_TUNED + 1, exact=True).keys, chosen, strict=True)]
+        settings = dataclasses.replace(self.settings, exact=True, measured_recall=None)
+        for breadth in TUNING_BREADTHS:
+            self.index.expansion_search = breadth
+            found = self.index.search(queries, K_TUNED + 1).keys
+            recall = float(np.mean([len(set(row[row != key][:K_TUNED].tolist()) & expected) / K_TUNED
+                                    for row, key, expected in zip(found, chosen, truth, strict=True)]))
+            if recall >= TARGET_RECALL:
+                settings = dataclasses.replace(self.settings, expansion_search=breadth, exact=False,
+                                               measured_recall=round(recall, 4))
+                break
+        self.index.expansion_search = settings.expansion_search
+        self.settings = settings
+        return settings

@@ -20,7 +20,7 @@ QUERIES = ["an animal looking at the sea", "operating system memory management",
 
 
 @functools.cache
-def sentences(count: int = 300) -> tuple[str, ...]:
+def sentences(count: int = 200) -> tuple[str, ...]:
     """`count` distinct sentences, the same every run."""
     every = [f"{s} {v} {o}." for s in SUBJECTS for v in VERBS for o in OBJECTS]
     return tuple(random.Random(4).sample(every, count))
@@ -30,7 +30,28 @@ def sentences(count: int = 300) -> tuple[str, ...]:
 def minilm():
     from llmasos.embeddings import Embedder
 
-    return Embedder.load(minilm_dir())
+    return CachingEmbedder(Embedder.load(minilm_dir()))
+
+
+class CachingEmbedder:
+    """MiniLM with its sentence vectors remembered across the tests of a run (the same texts are indexed several
+    times; embedding them once keeps the suite short). Everything else is the real Embedder's."""
+
+    def __init__(self, embedder) -> None:
+        self.embedder, self.vectors = embedder, {}
+
+    def __getattr__(self, name):
+        return getattr(self.embedder, name)
+
+    def encode(self, texts, **options):
+        import torch
+
+        if isinstance(texts, str) or options.get("normalize") is not True:
+            return self.embedder.encode(texts, **options)
+        missing = [text for text in dict.fromkeys(texts) if text not in self.vectors]
+        if missing:
+            self.vectors.update(zip(missing, self.embedder.encode(missing, **options), strict=True))
+        return torch.stack([self.vectors[text] for text in texts]) if texts else self.embedder.encode(texts, **options)
 
 
 def reference_top_k(texts: list[str], query: str, k: int) -> tuple[list[int], np.ndarray]:

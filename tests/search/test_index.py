@@ -43,7 +43,7 @@ def assert_matches_reference(index: SemanticIndex, texts: list[str], k: int = 10
 
 
 def test_top_k_equals_exact_search_by_sentence_transformers(corpus_index):
-    assert corpus_index.num_chunks == 300 and corpus_index.dimension == 384
+    assert corpus_index.num_chunks == 200 and corpus_index.dimension == 384
     assert_matches_reference(corpus_index, list(sentences()))
 
 
@@ -53,7 +53,9 @@ def test_hnsw_mode_gives_the_same_top_k(home):
     index = SemanticIndex.create("corpus-hnsw", model=minilm_dir(), documents=texts,
                                  ids=[f"s{i}" for i in range(len(texts))], graph=graph, embedder=minilm())
     assert_matches_reference(index, texts)
-    assert SemanticIndex.open("corpus-hnsw").vectors.settings == graph
+    tuned = SemanticIndex.open("corpus-hnsw").vectors.settings
+    assert not tuned.exact and tuned.measured_recall >= 0.95 and tuned.exact_below == 0
+    assert index.manifest["graph"]["expansion_search"] == tuned.expansion_search
 
 
 def test_reopened_from_disk_gives_the_same_results(corpus_index):
@@ -134,7 +136,7 @@ def test_token_chunks_fit_the_model(home):
 
 def test_list_and_remove(home, corpus_index):
     rows = {row["name"]: row for row in list_indexes()}
-    assert rows["corpus"]["chunks"] == 300 and rows["corpus"]["dimension"] == 384 and rows["corpus"]["size_bytes"] > 0
+    assert rows["corpus"]["chunks"] == 200 and rows["corpus"]["dimension"] == 384 and rows["corpus"]["size_bytes"] > 0
     SemanticIndex.create("doomed", model=minilm_dir(), documents=["bye"], embedder=minilm())
     remove_index("doomed")
     assert "doomed" not in {row["name"] for row in list_indexes()}
