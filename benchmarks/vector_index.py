@@ -23,8 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import psutil
+# One BLAS thread for numpy's scans: a single query is what is timed, and a multi-threaded team on a busy machine
+# stalls at every barrier (llmasos/threads.py). Set before numpy loads its BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -120,6 +125,17 @@ def candidates(data: np.ndarray, threads: int, connectivity: int, ef_values: lis
     yield (f"usearch {graph}", build_usearch, [(f", ef={ef})", usearch_at(ef)) for ef in ef_values],
            lambda i, p: i.save(str(p)))
 
+    from llmasos.search.vectors import GraphSettings, VectorIndex
+
+    def build_ours():
+        index = VectorIndex(dim, GraphSettings(connectivity=connectivity))
+        index.add(keys, data, threads=threads)
+        index.tune()
+        print(f"  llmasos VectorIndex tuned: {index.settings}", flush=True)
+        return index
+    yield ("llmasos VectorIndex (usearch, breadth tuned at build)", build_ours,
+           [("", lambda index, q: index.search(q, K)[0])], lambda index, p: index.save(p.parent))
+
     import faiss
 
     faiss.omp_set_num_threads(threads)
@@ -128,7 +144,10 @@ def candidates(data: np.ndarray, threads: int, connectivity: int, ef_values: lis
         index = faiss.IndexFlatIP(dim)
         index.add(data)
         return index
-    yield ("faiss exact (IndexFlatIP)", build_flat, [("", lambda i, q: i.search(q[None], K)[1][0])],
+    def search_flat(index, q):
+        faiss.omp_set_num_threads(1)
+        return index.search(q[None], K)[1][0]
+    yield ("faiss exact (IndexFlatIP)", build_flat, [("", search_flat)],
            lambda i, p: faiss.write_index(i, str(p)))
     if "slow" not in skip:
         def build_faiss():

@@ -221,7 +221,7 @@ def test_a_failed_create_leaves_no_directory(home, tmp_path):
                 raise RuntimeError("disk on fire")
             return self.inner.encode(*args, **kwargs)
 
-    texts = [f"sentence number {i}" for i in range(300)]
+    texts = [f"sentence number {i}" for i in range(130)]  # two slices of EMBED_SLICE
     with pytest.raises(RuntimeError, match="disk on fire"):
         SemanticIndex.create("broken", model=minilm_dir(), documents=texts, embedder=FailingEmbedder(minilm()))
     assert not (indexes_dir() / "broken").exists()
