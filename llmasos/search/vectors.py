@@ -3,6 +3,7 @@ similarity as the inner product of unit vectors, exact search while the index is
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class VectorIndex:
 
         self.dimension = dimension
         self.settings = settings or GraphSettings()
+        # One search at a time: the server's thread pool may query one index from several threads, and usearch's
+        # single-threaded search reuses one search context.
+        self._lock = threading.Lock()
         self.index = index if index is not None else Index(
             ndim=dimension, metric="ip", dtype="f32", connectivity=self.settings.connectivity,
             expansion_add=self.settings.expansion_add, expansion_search=self.settings.expansion_search)
@@ -85,8 +89,9 @@ class VectorIndex:
         if len(self.index) == 0:
             return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.float32)
         exact = self.settings.exact or len(self.index) < self.settings.exact_below
-        matches = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, len(self.index)),
-                                    threads=1, exact=exact)
+        with self._lock:
+            matches = self.index.search(np.ascontiguousarray(vector, dtype=np.float32), min(k, len(self.index)),
+                                        threads=1, exact=exact)
         return np.asarray(matches.keys), 1.0 - np.asarray(matches.distances, dtype=np.float32)
 
     def tune(self, seed: int = 0) -> GraphSettings:
