@@ -139,3 +139,15 @@ def test_bad_requests_are_openai_shaped_4xx(service, key, tmp_path_factory):
     SemanticIndex.create("small", model=SERVED, documents=["hello"], embedder=Embedder.load(directory))
     error = assert_error(post(service, "small", {"query": "hello"}, key), 400, code="embedding_dimension_mismatch")
     assert "64-dimensional" in error["message"] and "384-dimensional" in error["message"]
+
+
+def test_concurrent_queries_get_the_answers_of_one_at_a_time(service, key):
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = [QUERIES[i % len(QUERIES)] for i in range(12)]
+    alone = {query: post(service, "by-path", {"query": query, "top_k": 3}, key).json()["data"] for query in QUERIES}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda q: post(service, "by-path", {"query": q, "top_k": 3}, key), queries))
+    for query, response in zip(queries, answers, strict=True):
+        assert response.status_code == 200
+        assert [hit["id"] for hit in response.json()["data"]] == [hit["id"] for hit in alone[query]]
