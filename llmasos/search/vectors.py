@@ -14,7 +14,9 @@ VECTORS_FILE = "vectors.usearch"
 
 TUNING_BREADTHS = (64, 128, 256, 512, 1024)
 TUNING_QUERIES = 64
-TARGET_RECALL = 0.95
+# Indexed vectors as queries flatter recall (on 20,000 MiniLM lines: 0.995 sampled, 0.975 for unseen queries at the
+# same breadth, docs/performance.md): aiming at 0.97 on the sample keeps real queries above the 0.95 goal.
+TARGET_RECALL = 0.97
 K_TUNED = 10
 
 
@@ -22,8 +24,8 @@ K_TUNED = 10
 class GraphSettings:
     """HNSW parameters. Below `exact_below` vectors every query is an exact scan (under 2 ms a query up to 10,000
     384-d vectors, docs/performance.md). Above it, `expansion_search` is chosen after each change by measurement
-    (`VectorIndex.tune`): the smallest breadth whose recall@10 reaches 0.95 against an exact scan; `exact` True when
-    none does (data without structure, such as random vectors, where a graph walk is no faster than a scan)."""
+    (`VectorIndex.tune`): the smallest breadth whose recall@10 reaches TARGET_RECALL against an exact scan; `exact` True
+    when none does (data without structure, such as random vectors, where a graph walk is no faster than a scan)."""
 
     connectivity: int = 32
     expansion_add: int = 128

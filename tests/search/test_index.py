@@ -54,7 +54,7 @@ def test_hnsw_mode_gives_the_same_top_k(home):
                                  ids=[f"s{i}" for i in range(len(texts))], graph=graph, embedder=minilm())
     assert_matches_reference(index, texts)
     tuned = SemanticIndex.open("corpus-hnsw").vectors.settings
-    assert not tuned.exact and tuned.measured_recall >= 0.95 and tuned.exact_below == 0
+    assert not tuned.exact and tuned.measured_recall >= 0.97 and tuned.exact_below == 0
     assert index.manifest["graph"]["expansion_search"] == tuned.expansion_search
 
 
