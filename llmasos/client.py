@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -124,6 +125,15 @@ class Client(_Base):
     def usage(self) -> list[dict]:
         return self._request("GET", "/v1/usage")["data"]
 
+    def indexes(self) -> list[dict]:
+        """The server's semantic indexes: id, model, dimension, chunks, size (docs/search.md)."""
+        return self._request("GET", "/v1/indexes")["data"]
+
+    def query_index(self, name: str, query: str, top_k: int = 5) -> list[dict]:
+        """The top_k chunks of index `name` most similar to `query`: [{id, score, text, metadata}], best first."""
+        return self._request("POST", f"/v1/indexes/{quote(name, safe='')}/query",
+                             json={"query": query, "top_k": top_k})["data"]
+
     def ps(self) -> list[dict]:
         """The models the server holds now: state, device, memory, requests in flight, expiry."""
         return self._request("GET", "/api/ps")["models"]
@@ -204,6 +214,13 @@ class AsyncClient(_Base):
 
     async def usage(self) -> list[dict]:
         return (await self._request("GET", "/v1/usage"))["data"]
+
+    async def indexes(self) -> list[dict]:
+        return (await self._request("GET", "/v1/indexes"))["data"]
+
+    async def query_index(self, name: str, query: str, top_k: int = 5) -> list[dict]:
+        return (await self._request("POST", f"/v1/indexes/{quote(name, safe='')}/query",
+                                    json={"query": query, "top_k": top_k}))["data"]
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -151,3 +151,23 @@ def test_concurrent_queries_get_the_answers_of_one_at_a_time(service, key):
     for query, response in zip(queries, answers, strict=True):
         assert response.status_code == 200
         assert [hit["id"] for hit in response.json()["data"]] == [hit["id"] for hit in alone[query]]
+
+
+def test_the_python_client(service, key):
+    import asyncio
+
+    from llmasos.client import AsyncClient, Client, NotFoundError
+
+    with Client(service.base_url, api_key=key) as client:
+        hits = client.query_index("served", QUERIES[1], top_k=3)
+        assert hits == post(service, "served", {"query": QUERIES[1], "top_k": 3}, key).json()["data"]
+        assert {"served", "by-path"} <= {row["id"] for row in client.indexes()}
+        with pytest.raises(NotFoundError, match="index 'nope' does not exist"):
+            client.query_index("nope", "x")
+
+    async def run():
+        async with AsyncClient(service.base_url, api_key=key) as client:
+            return await client.query_index("served", QUERIES[1], top_k=3), await client.indexes()
+
+    async_hits, rows = asyncio.run(run())
+    assert [hit["id"] for hit in async_hits] == [hit["id"] for hit in hits] and rows
