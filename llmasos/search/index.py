@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,11 @@ import numpy as np
 from llmasos.errors import SearchError
 from llmasos.files import atomic_directory
 from llmasos.search import store
-from llmasos.search.chunking import Chunking, split
-from llmasos.search.documents import Document, from_records, read_path
+from llmasos.search.chunking import Chunking
+from llmasos.search.documents import Document
+from llmasos.search.ingest import Progress, check_unique, chunk_rows, embed, gather, num_special_tokens
 from llmasos.search.vectors import GraphSettings, VectorIndex
 
-Progress = Callable[[int, int], None]  # (chunks embedded so far, chunks in all)
-EMBED_SLICE = 128  # chunks embedded between two progress reports
 MAX_K = 1000
 
 
@@ -83,8 +82,15 @@ class SemanticIndex:
         """The index as last written. `embedder`: an already loaded Embedder to use instead of loading the index's
         model (it must give vectors of the index's dimension)."""
         manifest = store.read_manifest(name)
-        vectors = VectorIndex.load(store.index_directory(name), manifest["dimension"],
-                                   GraphSettings(**manifest["graph"]))
+        directory = store.index_directory(name)
+        try:
+            vectors = VectorIndex.load(directory, manifest["dimension"], GraphSettings(**manifest["graph"]))
+        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise SearchError(f"index {name!r} is damaged: its vectors cannot be read ({exc}); remove it with "
+                              "`llmasos index rm` and create it again") from None
+        if len(vectors) != manifest["num_chunks"] or not (directory / store.CHUNKS_FILE).is_file():
+            raise SearchError(f"index {name!r} is damaged: {len(vectors)} vectors for {manifest['num_chunks']} "
+                              "chunks, or no chunks.sqlite; remove it with `llmasos index rm` and create it again")
         index = cls(name, manifest, vectors)
         if embedder is not None:
             index.check_embedder(embedder, adding=False)
@@ -112,7 +118,7 @@ class SemanticIndex:
                 reference = spec.name if spec.library else str(Path(spec.path).resolve())
             else:
                 reference = _model_reference(model)
-            max_tokens = embedder.max_seq_length - _num_special_tokens(embedder)
+            max_tokens = embedder.max_seq_length - num_special_tokens(embedder)
             now = _now()
             manifest = {"format": store.FORMAT_VERSION, "name": name, "model": reference,
                         "model_path": str(embedder.path) if embedder.path else None,
@@ -122,7 +128,7 @@ class SemanticIndex:
                         "next_document": 0, "created": now, "updated": now}
             index = cls(name, manifest, VectorIndex(embedder.dimension, GraphSettings(**manifest["graph"])),
                         embedder)
-            docs = _gather(documents, data, ids)
+            docs = gather(documents, data, ids)
             with atomic_directory(store.index_directory(name), markers=(store.MANIFEST,)) as directory:
                 store.create_chunks_table(directory / store.CHUNKS_FILE)
                 index._write(directory, docs, remove_keys=[], replace=False, progress=progress)
@@ -173,7 +179,7 @@ class SemanticIndex:
             ids: list[str] | None = None, replace: bool = False, progress: Progress | None = None) -> list[str]:
         """Chunk, embed and add documents (see `create`); returns the new chunk ids. A document id already in the
         index is an error, unless `replace`, which removes that document's old chunks first."""
-        docs = _gather(documents, data, ids)
+        docs = gather(documents, data, ids)
         embedder = self.embedder
         self.check_embedder(embedder, adding=True)
         with store.locked(self.name):
@@ -192,7 +198,7 @@ class SemanticIndex:
             self._reload()
             connection = store.connect(self.directory / store.CHUNKS_FILE, read_only=True)
             try:
-                keys, missing = _matching_keys(connection, ids, source)
+                keys, missing = store.matching_keys(connection, ids, source)
             finally:
                 connection.close()
             if missing:
@@ -234,13 +240,13 @@ class SemanticIndex:
             for document in docs:
                 if not document.doc_id:
                     document.doc_id, next_document = str(next_document), next_document + 1
-            _check_unique([document.doc_id for document in docs])
+            check_unique([document.doc_id for document in docs])
             if replace and docs:
                 doc_ids = [document.doc_id for document in docs]
-                remove_keys = remove_keys + _matching_keys(connection, doc_ids, None, docs_only=True)[0]
+                remove_keys = remove_keys + store.matching_keys(connection, doc_ids, None, docs_only=True)[0]
             elif docs:
-                _refuse_existing(connection, self.name, [d.doc_id for d in docs])
-            rows = _chunk_rows(docs, Chunking(**manifest["chunking"]), embedder)
+                store.refuse_existing(connection, self.name, [d.doc_id for d in docs])
+            rows = chunk_rows(docs, Chunking(**manifest["chunking"]), embedder)
             if docs and not rows:
                 raise SearchError("there is nothing to index: every document is empty or only whitespace")
             if remove_keys:
@@ -254,7 +260,7 @@ class SemanticIndex:
             except sqlite3.IntegrityError:
                 raise SearchError(f"chunk id {row[0]!r} is already in index {self.name!r}: document ids must not "
                                   "look like another document's chunk ids (ID#N)") from None
-            new_vectors = _embed([row[3] for row in rows], embedder, progress)
+            new_vectors = embed([row[3] for row in rows], embedder, progress)
             kept = self.vectors
             vectors.index = kept.index.copy() if len(kept) else vectors.index
             vectors.remove(remove_keys)
@@ -308,98 +314,3 @@ class SemanticIndex:
             connection.close()
         return [Hit(rows[int(key)]["id"], float(score), rows[int(key)]["text"], json.loads(rows[int(key)]["metadata"]))
                 for key, score in zip(keys, scores, strict=True) if int(key) in rows]
-
-
-def _num_special_tokens(embedder) -> int:
-    return len(embedder.tokenize([""])[0])
-
-
-def _gather(documents, data, ids) -> list[Document]:
-    docs = [] if documents is None else from_records(documents, ids=ids)
-    if ids is not None and documents is None:
-        raise SearchError("ids= names documents given as documents=, not files given as data=")
-    if data is not None:
-        docs.extend(read_path(data))
-    if not docs:
-        raise SearchError("there is nothing to index: no documents were given")
-    return docs
-
-
-def _check_unique(doc_ids: list[str]) -> None:
-    seen: set[str] = set()
-    for doc_id in doc_ids:
-        if doc_id in seen:
-            raise SearchError(f"document id {doc_id!r} is given twice: each document needs its own id")
-        seen.add(doc_id)
-
-
-def _refuse_existing(connection: sqlite3.Connection, name: str, doc_ids: list[str]) -> None:
-    for start in range(0, len(doc_ids), 500):
-        part = doc_ids[start:start + 500]
-        row = connection.execute(f"select doc_id from chunks where doc_id in ({','.join('?' * len(part))}) limit 1",
-                                 part).fetchone()
-        if row is not None:
-            raise SearchError(f"document {row[0]!r} is already in index {name!r}: delete it first, or add with "
-                              "--replace (replace=True) to swap in the new text")
-
-
-def _matching_keys(connection: sqlite3.Connection, ids: list[str], source: str | Path | None,
-                   docs_only: bool = False) -> tuple[list[int], list[str]]:
-    """Keys of chunks whose id or document id is in `ids`, or whose source is `source` or lies under it; and the ids
-    that matched nothing."""
-    keys: set[int] = set()
-    missing = []
-    for value in ids:
-        query = "select key from chunks where doc_id = ?" + ("" if docs_only else " or id = ?")
-        found = [row[0] for row in connection.execute(query, (value,) if docs_only else (value, value))]
-        if not found:
-            missing.append(value)
-        keys.update(found)
-    if source is not None:
-        path = str(Path(source).expanduser().resolve())
-        keys.update(row[0] for row in connection.execute(
-            "select key from chunks where source = ? or substr(source, 1, ?) = ?", (path, len(path) + 1, path + "/")))
-    return sorted(keys), missing
-
-
-def _chunk_rows(docs: list[Document], chunking: Chunking, embedder) -> list[tuple[str, str, str | None, str, str]]:
-    """(id, doc_id, source, text, metadata JSON) of every chunk of `docs`."""
-    import tokenizers
-
-    tokenizer = None
-    if chunking.unit == "tokens":
-        tokenizer = tokenizers.Tokenizer.from_str(embedder.tokenizer.backend.to_str())
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-    rows = []
-    for document in docs:
-        text = document.text
-        spans = split(text, chunking, tokenizer)
-        for number, (start, end) in enumerate(spans):
-            chunk_id = document.doc_id if len(spans) == 1 else f"{document.doc_id}#{number}"
-            metadata: dict[str, Any] = {"doc_id": document.doc_id, "chunk": number}
-            if document.source is not None:
-                metadata["source"] = document.source
-            if document.base_offset is not None:  # a text file: the line and offset of the chunk in the file
-                metadata["line"] = (document.line or 1) + text.count("\n", 0, start)
-                metadata["offset"] = document.base_offset + start
-            else:  # a record: its line in the file, and the chunk's offset in its text
-                if document.line is not None:
-                    metadata["line"] = document.line
-                metadata["offset"] = start
-            metadata.update(document.extra)
-            rows.append((chunk_id, document.doc_id, document.source, text[start:end], json.dumps(metadata)))
-    return rows
-
-
-def _embed(texts: list[str], embedder, progress: Progress | None) -> np.ndarray:
-    """(len(texts), dimension) float32 unit vectors, embedded a slice at a time so that progress can be shown."""
-    result = np.empty((len(texts), embedder.dimension), dtype=np.float32)
-    if progress is not None:
-        progress(0, len(texts))
-    for start in range(0, len(texts), EMBED_SLICE):
-        part = texts[start:start + EMBED_SLICE]
-        result[start:start + len(part)] = embedder.encode(part, batch_size=32, normalize=True).numpy()
-        if progress is not None:
-            progress(start + len(part), len(texts))
-    return result

@@ -149,3 +149,32 @@ def copy_chunks_table(source: Path, target: Path) -> None:
         reader.close()
         writer.close()
     os.chmod(target, 0o644)
+
+
+def refuse_existing(connection: sqlite3.Connection, name: str, doc_ids: list[str]) -> None:
+    for start in range(0, len(doc_ids), 500):
+        part = doc_ids[start:start + 500]
+        row = connection.execute(f"select doc_id from chunks where doc_id in ({','.join('?' * len(part))}) limit 1",
+                                 part).fetchone()
+        if row is not None:
+            raise SearchError(f"document {row[0]!r} is already in index {name!r}: delete it first, or add with "
+                              "--replace (replace=True) to swap in the new text")
+
+
+def matching_keys(connection: sqlite3.Connection, ids: list[str], source: str | Path | None,
+                   docs_only: bool = False) -> tuple[list[int], list[str]]:
+    """Keys of chunks whose id or document id is in `ids`, or whose source is `source` or lies under it; and the ids
+    that matched nothing."""
+    keys: set[int] = set()
+    missing = []
+    for value in ids:
+        query = "select key from chunks where doc_id = ?" + ("" if docs_only else " or id = ?")
+        found = [row[0] for row in connection.execute(query, (value,) if docs_only else (value, value))]
+        if not found:
+            missing.append(value)
+        keys.update(found)
+    if source is not None:
+        path = str(Path(source).expanduser().resolve())
+        keys.update(row[0] for row in connection.execute(
+            "select key from chunks where source = ? or substr(source, 1, ?) = ?", (path, len(path) + 1, path + "/")))
+    return sorted(keys), missing

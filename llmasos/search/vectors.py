@@ -62,10 +62,12 @@ class VectorIndex:
     def load(cls, directory: Path, dimension: int, settings: GraphSettings) -> VectorIndex:
         from usearch.index import Index
 
-        index = Index.restore(str(directory / VECTORS_FILE))
-        if index is None:
-            raise ValueError(f"{directory / VECTORS_FILE} is not a usearch index file")
-        assert index.ndim == dimension, (index.ndim, dimension)
+        path = directory / VECTORS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        index = Index.restore(str(path))
+        if index is None or index.ndim != dimension:
+            raise ValueError(f"{path} is not a usearch index of {dimension}-dimensional vectors")
         index.expansion_search = settings.expansion_search
         return cls(dimension, settings, index)
 

@@ -202,6 +202,21 @@ def test_bad_input_is_a_clear_error(home, tmp_path, corpus_index):
     assert not (indexes_dir() / "nodata").exists()
 
 
+def test_a_damaged_index_is_a_clear_error(home):
+    SemanticIndex.create("damaged", model=minilm_dir(), documents=["one", "two"], embedder=minilm())
+    vectors = indexes_dir() / "damaged" / "vectors.usearch"
+    vectors.write_bytes(vectors.read_bytes()[:100])
+    with pytest.raises(SearchError, match="index 'damaged' is damaged.*llmasos index rm"):
+        SemanticIndex.open("damaged")
+    vectors.unlink()
+    with pytest.raises(SearchError, match="index 'damaged' is damaged"):
+        SemanticIndex.open("damaged")
+    (indexes_dir() / "damaged" / "index.json").write_text("{not json")
+    with pytest.raises(SearchError, match="index 'damaged' is damaged"):
+        SemanticIndex.open("damaged")
+    remove_index("damaged")
+
+
 def test_a_failed_create_leaves_no_directory(home, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "fine too"}) + "\n{broken\n")
