@@ -181,6 +181,41 @@ def _size(num_bytes: int) -> str:
     return ""
 
 
+@index.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def show(name, as_json) -> None:
+    """Index NAME's manifest: model, dimension, chunking, vector-search settings, counts, where it lives."""
+    from llmasos.search.store import directory_size, index_directory, read_manifest
+
+    manifest = read_manifest(name)
+    details = {**manifest, "path": str(index_directory(name)), "size_bytes": directory_size(index_directory(name))}
+    if as_json:
+        click.echo(json.dumps(details))
+        return
+    from rich.table import Table
+
+    from llmasos.cli import table_console
+
+    graph = manifest["graph"]
+    if graph["exact"]:
+        search = "exact scan (no HNSW search breadth reached the recall target)"
+    elif manifest["num_chunks"] < graph["exact_below"]:
+        search = f"exact scan (under {graph['exact_below']:,} chunks)"
+    else:
+        search = (f"HNSW, M={graph['connectivity']}, ef={graph['expansion_search']} (measured recall@10 "
+                  f"{graph['measured_recall']})")
+    chunking = manifest["chunking"]
+    table = Table("", "", show_header=False)
+    for label, value in (("model", manifest["model"]), ("dimension", str(manifest["dimension"])),
+                         ("chunks", str(manifest["num_chunks"])), ("documents", str(manifest["num_documents"])),
+                         ("chunking", f"{chunking['size']} {chunking['unit']}, overlap {chunking['overlap']}"),
+                         ("search", search), ("size", _size(details["size_bytes"])), ("path", details["path"]),
+                         ("created", manifest["created"]), ("updated", manifest["updated"])):
+        table.add_row(label, value)
+    table_console().print(table)
+
+
 @index.command("rm")
 @click.argument("name")
 def rm(name) -> None:

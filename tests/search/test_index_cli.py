@@ -90,6 +90,11 @@ def test_round_trip(data, tmp_path):
     assert {"tuba", "s0"}.isdisjoint(hit["id"] for hit in after) and len(after) == 69
     assert "deleted 69 chunks" in ok("index", "delete", "demo", "--source", str(data)).stdout
 
+    shown = json.loads(ok("index", "show", "demo", "--json").stdout)
+    assert shown["num_chunks"] == 0 and shown["chunking"] == {"unit": "tokens", "size": 254, "overlap": 32}
+    assert shown["dimension"] == 384 and shown["path"].endswith("indexes/demo")
+    table = ok("index", "show", "demo").stdout
+    assert "exact scan" in table and "254 tokens, overlap 32" in table
     listed = json.loads(ok("index", "list", "--json").stdout)
     assert [(r["name"], r["chunks"], r["dimension"]) for r in listed] == [("demo", 0, 384)]
     table = ok("index", "list").stdout
@@ -111,6 +116,7 @@ def test_mistakes_are_one_error_line(data, tmp_path, tmp_path_factory):
     model = str(minilm_dir())
     assert_one_error_line(run("index", "query", "nope", "x"), "index 'nope' does not exist")
     assert_one_error_line(run("index", "rm", "nope"), "index 'nope' does not exist")
+    assert_one_error_line(run("index", "show", "nope"), "index 'nope' does not exist")
     assert_one_error_line(run("index", "create", "Bad/Name", "--model", model, "--data", str(data)), "index name")
     assert_one_error_line(run("index", "create", "x", "--model", model, "--data", str(tmp_path / "no.jsonl")),
                           "does not exist")
