@@ -53,6 +53,14 @@ def _embedding_progress(quiet: bool):
         progress.stop()
 
 
+def _note_cut(index) -> None:
+    if index.num_cut:
+        limit = index.embedder.max_seq_length
+        click.echo(f"note: {index.num_cut} chunks are longer than the model reads ({limit} tokens with its special "
+                   "tokens) and were embedded from their start only: use --chunk-unit tokens, or a smaller "
+                   "--chunk-size", err=True)
+
+
 def _threads() -> None:
     """Torch threads chosen from the cores other processes leave free (llmasos/threads.py), not inherited."""
     import torch
@@ -78,6 +86,7 @@ def create(name, model, data, chunk_size, chunk_overlap, chunk_unit, quiet) -> N
         created = SemanticIndex.create(name, model=model, data=data, chunking=chunking, progress=progress)
     click.echo(f"created index {name!r}: {created.num_chunks} chunks of {created.manifest['num_documents']} "
                f"documents, {created.dimension}-dimensional vectors from {created.model}")
+    _note_cut(created)
 
 
 @index.command("add")
@@ -100,6 +109,7 @@ def add(name, data, model, replace, quiet) -> None:
     with _embedding_progress(quiet) as progress:
         added = opened.add(data=data, replace=replace, progress=progress)
     click.echo(f"added {len(added)} chunks to index {name!r} ({opened.num_chunks} in all)")
+    _note_cut(opened)
 
 
 @index.command("delete")

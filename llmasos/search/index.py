@@ -74,6 +74,7 @@ class SemanticIndex:
     def __init__(self, name: str, manifest: dict[str, Any], vectors: VectorIndex, embedder=None) -> None:
         self.name, self.manifest, self.vectors = name, manifest, vectors
         self._embedder = embedder
+        self.num_cut = 0  # chunks of the last create or add longer than the model reads (embedded from their start)
 
     # --- opening ------------------------------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ class SemanticIndex:
             except sqlite3.IntegrityError:
                 raise SearchError(f"chunk id {row[0]!r} is already in index {self.name!r}: document ids must not "
                                   "look like another document's chunk ids (ID#N)") from None
-            new_vectors = embed([row[3] for row in rows], embedder, progress)
+            new_vectors, self.num_cut = embed([row[3] for row in rows], embedder, progress)
             kept = self.vectors
             vectors.index = kept.index.copy() if len(kept) else vectors.index
             vectors.remove(remove_keys)

@@ -70,14 +70,19 @@ def chunk_rows(docs: list[Document], chunking: Chunking, embedder) -> list[tuple
     return rows
 
 
-def embed(texts: list[str], embedder, progress: Progress | None) -> np.ndarray:
-    """(len(texts), dimension) float32 unit vectors, embedded a slice at a time so that progress can be shown."""
+def embed(texts: list[str], embedder, progress: Progress | None) -> tuple[np.ndarray, int]:
+    """(len(texts), dimension) float32 unit vectors, embedded a slice at a time so that progress can be shown; and how
+    many texts reached the model's length (embedded from their first max_seq_length tokens only)."""
     result = np.empty((len(texts), embedder.dimension), dtype=np.float32)
+    num_cut = 0
     if progress is not None:
         progress(0, len(texts))
     for start in range(0, len(texts), EMBED_SLICE):
         part = texts[start:start + EMBED_SLICE]
-        result[start:start + len(part)] = embedder.encode(part, batch_size=32, normalize=True).numpy()
+        id_lists, prompt_length = embedder.prepare(part)
+        num_cut += sum(len(ids) >= embedder.max_seq_length for ids in id_lists)
+        vectors = embedder.encode_ids(id_lists, prompt_length, batch_size=32, normalize=True)
+        result[start:start + len(part)] = vectors.numpy()
         if progress is not None:
             progress(start + len(part), len(texts))
-    return result
+    return result, num_cut

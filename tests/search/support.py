@@ -43,6 +43,18 @@ class CachingEmbedder:
     def __getattr__(self, name):
         return getattr(self.embedder, name)
 
+    def encode_ids(self, id_lists, prompt_length=0, **options):
+        import torch
+
+        if options.get("normalize") is not True or prompt_length:
+            return self.embedder.encode_ids(id_lists, prompt_length, **options)
+        keys = [tuple(ids) for ids in id_lists]
+        missing = [key for key in dict.fromkeys(keys) if key not in self.vectors]
+        if missing:
+            computed = self.embedder.encode_ids([list(key) for key in missing], **options)
+            self.vectors.update(zip(missing, computed, strict=True))
+        return torch.stack([self.vectors[key] for key in keys]) if keys else self.embedder.encode_ids([], **options)
+
     def encode(self, texts, **options):
         import torch
 

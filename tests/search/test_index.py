@@ -230,11 +230,11 @@ def test_a_failed_create_leaves_no_directory(home, tmp_path):
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        def encode(self, *args, **kwargs):
+        def encode_ids(self, *args, **kwargs):
             self.calls += 1
             if self.calls > 1:
                 raise RuntimeError("disk on fire")
-            return self.inner.encode(*args, **kwargs)
+            return self.inner.encode_ids(*args, **kwargs)
 
     texts = [f"sentence number {i}" for i in range(130)]  # two slices of EMBED_SLICE
     with pytest.raises(RuntimeError, match="disk on fire"):

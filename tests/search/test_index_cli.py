@@ -110,6 +110,12 @@ def test_chunk_options(tmp_path):
     hits = json.loads(ok("index", "query", "chunked", "alpha", "-k", "100", "--json").stdout)["data"]
     assert len(hits) == 7 and all(len(hit["text"]) <= 200 for hit in hits)
     assert {hit["metadata"]["source"] for hit in hits} == {str((tmp_path / "a.txt").resolve())}
+    (tmp_path / "long.txt").write_text("word " * 2000)
+    added = ok("index", "add", "chunked", "--data", str(tmp_path / "long.txt"))
+    assert "note:" not in added.stderr  # the index's 200-character chunks fit the model
+    created = run("index", "create", "wider", "--model", str(minilm_dir()), "--data", str(tmp_path / "long.txt"),
+                  "--chunk-unit", "chars", "--chunk-size", "4000", "--chunk-overlap", "0", "--quiet")
+    assert created.exit_code == 0 and "note: 3 chunks are longer than the model reads (256 tokens" in created.stderr
 
 
 def test_mistakes_are_one_error_line(data, tmp_path, tmp_path_factory):
