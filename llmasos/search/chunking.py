@@ -3,12 +3,14 @@ substring of its document, with its character offset, so that a hit can say wher
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 Unit = Literal["tokens", "chars"]
 DEFAULT_CHAR_SIZE, DEFAULT_CHAR_OVERLAP = 1000, 200
 DEFAULT_TOKEN_OVERLAP = 32
+_WHITESPACE = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Chunking:
 
 
 def char_spans(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, end) character spans; a span that would cut a word ends at the last whitespace in its second half."""
+    """(start, end) character spans; a span that would cut a word ends at the last whitespace in its second half, and
+    the next one starts at the first word boundary of the overlap (where the overlap holds one)."""
     spans, start = [], 0
     while start < len(text):
         end = min(len(text), start + size)
@@ -60,7 +63,11 @@ def char_spans(text: str, size: int, overlap: int) -> list[tuple[int, int]]:
         spans.append((start, end))
         if end >= len(text):
             break
-        start = max(end - overlap, start + 1)
+        following = max(end - overlap, start + 1)
+        if not text[following - 1].isspace():  # start the next chunk at a word, inside the overlap if it holds one
+            space = _WHITESPACE.search(text, following, end)
+            following = space.end() if space is not None else following
+        start = max(following, start + 1)
     return spans
 
 

@@ -53,3 +53,11 @@ def test_token_size_over_the_models_length_is_refused():
         Chunking("tokens", 300).resolved(max_tokens=254)
     assert Chunking().resolved(254) == Chunking("tokens", 254, 32)
     assert Chunking("chars").resolved(254) == Chunking("chars", 1000, 200)
+
+
+def test_char_chunks_start_and_end_at_words():
+    text = " ".join(f"w{i:03d}" for i in range(300))
+    for start, end in char_spans(text, size=97, overlap=30):
+        chunk = text[start:end]
+        assert chunk.split()[0].startswith("w") and len(chunk.split()[0]) == 4, chunk  # a whole word first
+        assert end == len(text) or text[end - 1] == " "
