@@ -248,3 +248,20 @@ def test_a_failed_create_leaves_no_directory(home, tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
         failing.add(["three"])
     assert SemanticIndex.open("kept", embedder=minilm()).num_chunks == 2 == index.num_chunks
+
+
+def test_concurrent_writers_lose_nothing(home):
+    from concurrent.futures import ThreadPoolExecutor
+
+    SemanticIndex.create("shared", model=minilm_dir(), documents=["first"], ids=["first"], embedder=minilm())
+
+    def add(worker: int) -> None:  # each writer holds its own (soon stale) copy, as another process would
+        SemanticIndex.open("shared", embedder=minilm()).add([f"note {worker}-{i}" for i in range(3)],
+                                                            ids=[f"{worker}-{i}" for i in range(3)])
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(add, range(3)))
+    reopened = SemanticIndex.open("shared", embedder=minilm())
+    assert reopened.num_chunks == 10 and reopened.manifest["num_documents"] == 10
+    expected = {"first"} | {f"{worker}-{i}" for worker in range(3) for i in range(3)}
+    assert {hit.id for hit in reopened.query("note", k=20)} == expected
