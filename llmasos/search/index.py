@@ -113,6 +113,7 @@ class SemanticIndex:
             if store.exists(name):
                 raise SearchError(f"index {name!r} already exists: add to it with `llmasos index add`, or remove it "
                                   "first with `llmasos index rm`")
+            docs = gather(documents, data, ids)  # bad data is refused before the model is loaded
             if embedder is None:
                 embedder = load_embedder(model)
                 spec = embedder.spec  # a library model is recorded by name, a directory by its absolute path
@@ -129,7 +130,6 @@ class SemanticIndex:
                         "next_document": 0, "created": now, "updated": now}
             index = cls(name, manifest, VectorIndex(embedder.dimension, GraphSettings(**manifest["graph"])),
                         embedder)
-            docs = gather(documents, data, ids)
             with atomic_directory(store.index_directory(name), markers=(store.MANIFEST,)) as directory:
                 store.create_chunks_table(directory / store.CHUNKS_FILE)
                 index._write(directory, docs, remove_keys=[], replace=False, progress=progress)
