@@ -232,7 +232,8 @@ class SemanticIndex:
                progress: Progress | None, embedder=None) -> list[str]:
         """Apply one change inside `directory` (a copy being built): chunks and vectors in, chunks and vectors out,
         then the vector file and the manifest. `self` changes only once everything is written."""
-        embedder = embedder or self.embedder
+        if docs:  # a deletion needs no model
+            embedder = embedder or self.embedder
         manifest = dict(self.manifest)
         vectors = VectorIndex(self.dimension, GraphSettings(**manifest["graph"]))
         connection = store.connect(directory / store.CHUNKS_FILE)
@@ -261,7 +262,10 @@ class SemanticIndex:
             except sqlite3.IntegrityError:
                 raise SearchError(f"chunk id {row[0]!r} is already in index {self.name!r}: document ids must not "
                                   "look like another document's chunk ids (ID#N)") from None
-            new_vectors, self.num_cut = embed([row[3] for row in rows], embedder, progress)
+            if rows:
+                new_vectors, self.num_cut = embed([row[3] for row in rows], embedder, progress)
+            else:
+                new_vectors, self.num_cut = np.empty((0, self.dimension), dtype=np.float32), 0
             kept = self.vectors
             vectors.index = kept.index.copy() if len(kept) else vectors.index
             vectors.remove(remove_keys)

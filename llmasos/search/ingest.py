@@ -45,7 +45,7 @@ def chunk_rows(docs: list[Document], chunking: Chunking, embedder) -> list[tuple
     import tokenizers
 
     tokenizer = None
-    if chunking.unit == "tokens":
+    if chunking.unit == "tokens" and docs:
         tokenizer = tokenizers.Tokenizer.from_str(embedder.tokenizer.backend.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()

@@ -84,11 +84,13 @@ def test_add_replace_and_delete_persist(home):
     reopened = SemanticIndex.open("pets", embedder=minilm())
     assert reopened.num_chunks == 3
     assert reopened.query("howling at night", 1)[0].text == "Wolves howl at the moon."
-    assert reopened.delete(["dog", "0"]) == 2
+    deleter = SemanticIndex.open("pets")
+    assert deleter.delete(["dog", "0"]) == 2 and deleter.num_chunks == 1
+    assert deleter._embedder is None  # deleting needs no model
     assert [h.id for h in SemanticIndex.open("pets", embedder=minilm()).query("anything", 5)] == ["1"]
     with pytest.raises(SearchError, match="no chunk or document with id 'nope'"):
-        reopened.delete(["nope"])
-    assert reopened.delete(["1"]) == 1 and reopened.query("anything", 5) == []
+        deleter.delete(["nope"])
+    assert deleter.delete(["1"]) == 1 and SemanticIndex.open("pets", embedder=minilm()).query("anything", 5) == []
 
 
 def test_chunks_keep_source_line_offset_and_fields(home, tmp_path):
