@@ -135,6 +135,16 @@ class SemanticIndex:
                 index._write(directory, docs, remove_keys=[], replace=False, progress=progress)
         return index
 
+    @staticmethod
+    def list_indexes() -> list[dict[str, Any]]:
+        """Every index: name, model, dimension, chunks, documents, size_bytes, created, updated."""
+        return store.list_indexes()
+
+    @staticmethod
+    def remove(name: str) -> None:
+        """Remove index `name` whole (IndexNotFoundError when there is none)."""
+        store.remove_index(name)
+
     # --- properties -----------------------------------------------------------------------------------------------
 
     @property

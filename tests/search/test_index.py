@@ -140,7 +140,8 @@ def test_list_and_remove(home, corpus_index):
     rows = {row["name"]: row for row in list_indexes()}
     assert rows["corpus"]["chunks"] == 200 and rows["corpus"]["dimension"] == 384 and rows["corpus"]["size_bytes"] > 0
     SemanticIndex.create("doomed", model=minilm_dir(), documents=["bye"], embedder=minilm())
-    remove_index("doomed")
+    assert "doomed" in {row["name"] for row in SemanticIndex.list_indexes()}
+    SemanticIndex.remove("doomed")
     assert "doomed" not in {row["name"] for row in list_indexes()}
     assert not (indexes_dir() / "doomed").exists()
     with pytest.raises(IndexNotFoundError, match="index 'doomed' does not exist"):
