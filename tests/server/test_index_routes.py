@@ -43,8 +43,9 @@ def on_loop(home):
 
     engine = get_engine()
     event.listen(engine, "before_cursor_execute", check)
-    yield seen
-    assert any("usage" in statement.lower() for statement in executed), "the listener saw the metering"
+    import types
+
+    yield types.SimpleNamespace(on_loop=seen, executed=executed)
     event.remove(engine, "before_cursor_execute", check)
 
 
@@ -108,7 +109,8 @@ def test_keyed_query_is_metered(service, key, on_loop):
     assert (row.key_name, row.model, row.route) == ("searcher", SERVED, "index_query")
     assert row.prompt_tokens == response.json()["usage"]["prompt_tokens"] > 0
     assert httpx.post(f"{service.base_url}/v1/indexes/served/query", json={"query": "x"}, timeout=30).status_code == 401
-    assert on_loop == []  # admission, metering and key lookups ran in the thread pool
+    assert any("usage" in statement.lower() for statement in on_loop.executed)  # the listener saw the metering ...
+    assert on_loop.on_loop == []  # ... and no statement ran on the event loop
 
 
 def test_list_indexes(service, key):
@@ -136,6 +138,10 @@ def test_bad_requests_are_openai_shaped_4xx(service, key, tmp_path_factory):
     assert assert_error(post(service, "served", {"top_k": 3}, key), 400)["param"] == "query"
     assert assert_error(post(service, "served", {"query": 7}, key), 400)["param"] == "query"
     assert assert_error(post(service, "Bad.Name", {"query": "x"}, key), 400)["param"] == "name"
+    for hostile in ("..", "a%00b", "x" * 5000, "%2e%2e%2fetc", "caf%C3%A9", "a%2Fb"):
+        response = post(service, hostile, {"query": "x"}, key)
+        assert 400 <= response.status_code < 500, (hostile, response.text)
+        assert_no_leak(response.text)
     # an index whose vectors are 64-dimensional, naming the served 384-dimensional model
     from llmasos.embeddings import Embedder
 
