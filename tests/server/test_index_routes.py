@@ -25,6 +25,7 @@ def on_loop(home):
     """Database statements run on an event-loop thread while the module's server answers (there must be none)."""
     import asyncio
     import threading
+    import types
 
     from sqlalchemy import event
 
@@ -43,8 +44,6 @@ def on_loop(home):
 
     engine = get_engine()
     event.listen(engine, "before_cursor_execute", check)
-    import types
-
     yield types.SimpleNamespace(on_loop=seen, executed=executed)
     event.remove(engine, "before_cursor_execute", check)
 
