@@ -73,7 +73,8 @@ def _threads() -> None:
 @index.command("create")
 @click.argument("name")
 @click.option("--model", required=True, help="Embedding model: a library name or a directory.")
-@click.option("--data", required=True, help="A .jsonl file of {\"text\": ..., \"id\": ...} records, or a directory.")
+@click.option("--data", required=True, multiple=True,
+              help="A .jsonl file of {\"text\": ..., \"id\": ...} records, a text file or a directory (repeatable).")
 @_chunk_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def create(name, model, data, chunk_size, chunk_overlap, chunk_unit, quiet) -> None:
@@ -91,7 +92,7 @@ def create(name, model, data, chunk_size, chunk_overlap, chunk_unit, quiet) -> N
 
 @index.command("add")
 @click.argument("name")
-@click.option("--data", required=True, help="A .jsonl file or a directory, as for create.")
+@click.option("--data", required=True, multiple=True, help="A .jsonl file, a text file or a directory, as for create.")
 @click.option("--model", default=None, help="Check that this is the index's model (refused otherwise).")
 @click.option("--replace", is_flag=True, help="Documents already in the index are replaced, not refused.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

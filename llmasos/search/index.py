@@ -100,11 +100,12 @@ class SemanticIndex:
 
     @classmethod
     def create(cls, name: str, model: str | Path, documents: Iterable[str | Mapping[str, Any]] | None = None,
-               data: str | Path | None = None, ids: list[str] | None = None, chunking: Chunking | None = None,
-               graph: GraphSettings | None = None, embedder=None, progress: Progress | None = None) -> SemanticIndex:
-        """Embed `documents` (strings or {"text", "id"?, ...} dicts) and/or the files at `data` (a .jsonl file or a
-        directory) with `model` (a library name or directory) into a new index `name`. Nothing is left on disk when
-        this fails."""
+               data: str | Path | list[str | Path] | None = None, ids: list[str] | None = None,
+               chunking: Chunking | None = None, graph: GraphSettings | None = None, embedder=None,
+               progress: Progress | None = None) -> SemanticIndex:
+        """Embed `documents` (strings or {"text", "id"?, ...} dicts) and/or the files at `data` (a .jsonl, .json or
+        text file, a directory, or a list of those) with `model` (a library name or directory) into a new index
+        `name`. Nothing is left on disk when this fails."""
         store.check_index_name(name)
         chunking = chunking or Chunking()
         if documents is None and data is None:
@@ -186,7 +187,8 @@ class SemanticIndex:
 
     # --- changing -------------------------------------------------------------------------------------------------
 
-    def add(self, documents: Iterable[str | Mapping[str, Any]] | None = None, data: str | Path | None = None,
+    def add(self, documents: Iterable[str | Mapping[str, Any]] | None = None,
+            data: str | Path | list[str | Path] | None = None,
             ids: list[str] | None = None, replace: bool = False, progress: Progress | None = None) -> list[str]:
         """Chunk, embed and add documents (see `create`); returns the new chunk ids. A document id already in the
         index is an error, unless `replace`, which removes that document's old chunks first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,13 @@ def num_special_tokens(embedder) -> int:
 
 
 def gather(documents, data, ids) -> list[Document]:
-    docs = [] if documents is None else from_records(documents, ids=ids)
+    """The documents given in Python and those read from `data` (a path, or a list of paths)."""
     if ids is not None and documents is None:
         raise SearchError("ids= names documents given as documents=, not files given as data=")
-    if data is not None:
-        docs.extend(read_path(data))
+    docs = [] if documents is None else from_records(documents, ids=ids)
+    paths = [] if data is None else [data] if isinstance(data, (str, Path)) else list(data)
+    for path in paths:
+        docs.extend(read_path(path))
     if not docs:
         raise SearchError("there is nothing to index: no documents were given")
     return docs

@@ -110,6 +110,11 @@ def test_chunk_options(tmp_path):
     hits = json.loads(ok("index", "query", "chunked", "alpha", "-k", "100", "--json").stdout)["data"]
     assert len(hits) == 7 and all(len(hit["text"]) <= 200 for hit in hits)
     assert {hit["metadata"]["source"] for hit in hits} == {str((tmp_path / "a.txt").resolve())}
+    (tmp_path / "b.md").write_text("# B\nbeta notes")
+    (tmp_path / "c.jsonl").write_text('{"text": "gamma record", "id": "c1"}\n')
+    ok("index", "add", "chunked", "--data", str(tmp_path / "b.md"), "--data", str(tmp_path / "c.jsonl"), "--quiet")
+    ids = {hit["id"] for hit in json.loads(ok("index", "query", "chunked", "x", "-k", "100", "--json").stdout)["data"]}
+    assert {"b.md", "c1"} <= ids
     (tmp_path / "long.txt").write_text("word " * 2000)
     added = ok("index", "add", "chunked", "--data", str(tmp_path / "long.txt"))
     assert "note:" not in added.stderr  # the index's 200-character chunks fit the model
