@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,16 @@ class SemanticIndex:
         self.name, self.manifest, self.vectors = name, manifest, vectors
         self._embedder = embedder
         self.num_cut = 0  # chunks of the last create or add longer than the model reads (embedded from their start)
+        self._reader: sqlite3.Connection | None = None  # the chunks database, read-only, opened on first search
+        self._reader_lock = threading.Lock()
+
+    def _changed(self, manifest: dict[str, Any], vectors: VectorIndex) -> None:
+        """Take a new state (written here or by another process); the chunks database is reopened on next use."""
+        with self._reader_lock:
+            self.manifest, self.vectors = manifest, vectors
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     # --- opening ------------------------------------------------------------------------------------------------
 
@@ -133,7 +144,8 @@ class SemanticIndex:
                         embedder)
             with atomic_directory(store.index_directory(name), markers=(store.MANIFEST,)) as directory:
                 store.create_chunks_table(directory / store.CHUNKS_FILE)
-                index._write(directory, docs, remove_keys=[], replace=False, progress=progress)
+                _, manifest, vectors = index._write(directory, docs, remove_keys=[], replace=False, progress=progress)
+            index._changed(manifest, vectors)
         return index
 
     @staticmethod
@@ -198,8 +210,10 @@ class SemanticIndex:
         with store.locked(self.name):
             self._reload()
             with self._rewrite() as directory:
-                return self._write(directory, docs, remove_keys=[], replace=replace, progress=progress,
-                                   embedder=embedder)
+                added, manifest, vectors = self._write(directory, docs, remove_keys=[], replace=replace,
+                                                       progress=progress, embedder=embedder)
+            self._changed(manifest, vectors)
+        return added
 
     def delete(self, ids: Iterable[str] = (), source: str | Path | None = None) -> int:
         """Remove chunks by chunk id or document id, and/or every chunk from a source file (or from files under a
@@ -220,13 +234,14 @@ class SemanticIndex:
             if source is not None and not keys:
                 raise SearchError(f"index {self.name!r} has no chunks from {str(source)!r}")
             with self._rewrite() as directory:
-                self._write(directory, [], remove_keys=keys, replace=False, progress=None)
+                _, manifest, vectors = self._write(directory, [], remove_keys=keys, replace=False, progress=None)
+            self._changed(manifest, vectors)
         return len(keys)
 
     def _reload(self) -> None:
         """Catch up with what another process wrote (called with the lock held)."""
         fresh = SemanticIndex.open(self.name)
-        self.manifest, self.vectors = fresh.manifest, fresh.vectors
+        self._changed(fresh.manifest, fresh.vectors)
 
     def _rewrite(self):
         """A new directory for the index, starting as a copy of its chunks database, renamed into place."""
@@ -241,9 +256,10 @@ class SemanticIndex:
         return rewrite()
 
     def _write(self, directory: Path, docs: list[Document], remove_keys: list[int], replace: bool,
-               progress: Progress | None, embedder=None) -> list[str]:
+               progress: Progress | None, embedder=None) -> tuple[list[str], dict[str, Any], VectorIndex]:
         """Apply one change inside `directory` (a copy being built): chunks and vectors in, chunks and vectors out,
-        then the vector file and the manifest. `self` changes only once everything is written."""
+        then the vector file and the manifest. Returns the new chunk ids and the new state, which the caller takes
+        (`_changed`) once the directory is in place."""
         if docs:  # a deletion needs no model
             embedder = embedder or self.embedder
         manifest = dict(self.manifest)
@@ -291,8 +307,7 @@ class SemanticIndex:
         manifest.update(num_chunks=len(vectors), num_documents=num_documents, next_document=next_document,
                         updated=_now())
         store.write_manifest(directory, manifest)
-        self.manifest, self.vectors = manifest, vectors
-        return [row[0] for row in rows]
+        return [row[0] for row in rows], manifest, vectors
 
     # --- querying -------------------------------------------------------------------------------------------------
 
@@ -322,12 +337,11 @@ class SemanticIndex:
         keys, scores = self.vectors.search(vector, k)
         if not len(keys):
             return []
-        connection = store.connect(self.directory / store.CHUNKS_FILE, read_only=True)
-        try:
-            marks = ",".join("?" * len(keys))
-            rows = {row["key"]: row for row in connection.execute(
+        marks = ",".join("?" * len(keys))
+        with self._reader_lock:
+            if self._reader is None:  # kept open: opening costs more than the search (benchmarks/index_query.py)
+                self._reader = store.connect(self.directory / store.CHUNKS_FILE, read_only=True)
+            rows = {row["key"]: row for row in self._reader.execute(
                 f"select key, id, text, metadata from chunks where key in ({marks})", [int(key) for key in keys])}
-        finally:
-            connection.close()
         return [Hit(rows[int(key)]["id"], float(score), rows[int(key)]["text"], json.loads(rows[int(key)]["metadata"]))
                 for key, score in zip(keys, scores, strict=True) if int(key) in rows]
