@@ -87,18 +87,23 @@ def directory_size(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
+def index_row(name: str) -> dict[str, Any]:
+    """Index `name` in brief: name, model, dimension, chunks, documents, size in bytes, created, updated."""
+    manifest = read_manifest(name)
+    return {"name": name, "model": manifest["model"], "dimension": manifest["dimension"],
+            "chunks": manifest["num_chunks"], "documents": manifest["num_documents"],
+            "size_bytes": directory_size(index_directory(name)), "created": manifest["created"],
+            "updated": manifest["updated"]}
+
+
 def list_indexes() -> list[dict[str, Any]]:
-    """One row per index: name, model, dimension, chunks, documents, size in bytes, created, updated."""
+    """One `index_row` per index."""
     rows = []
     for name in names():
         try:
-            manifest = read_manifest(name)
-        except SearchError:
+            rows.append(index_row(name))
+        except (SearchError, OSError):
             continue  # removed meanwhile, or damaged: `index rm` still removes it
-        rows.append({"name": name, "model": manifest["model"], "dimension": manifest["dimension"],
-                     "chunks": manifest["num_chunks"], "documents": manifest["num_documents"],
-                     "size_bytes": directory_size(index_directory(name)), "created": manifest["created"],
-                     "updated": manifest["updated"]})
     return rows
 
 

@@ -41,6 +41,13 @@ def _search_error(exc: SearchError, param: str | None = None) -> APIError:
     return APIError(400, str(exc), param=param)
 
 
+def index_card(row: dict[str, Any]) -> dict[str, Any]:
+    """One index as GET /v1/indexes shows it."""
+    return {"id": row["name"], "object": "index", "model": shown_model(row["model"]), "dimension": row["dimension"],
+            "chunks": row["chunks"], "documents": row["documents"], "size_bytes": row["size_bytes"],
+            "created": row["created"], "updated": row["updated"]}
+
+
 class IndexCache:
     """Opened indexes, reopened when their manifest changes (every write renames a new directory into place), and the
     embedding models loaded for indexes whose model the server does not serve."""
@@ -105,11 +112,16 @@ def add_index_routes(router: APIRouter, state: ServerState) -> None:
     async def list_indexes():
         from llmasos.search.store import list_indexes as rows
 
-        data = [{"id": row["name"], "object": "index", "model": shown_model(row["model"]),
-                 "dimension": row["dimension"], "chunks": row["chunks"], "documents": row["documents"],
-                 "size_bytes": row["size_bytes"], "created": row["created"], "updated": row["updated"]}
-                for row in await run_in_threadpool(rows)]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [index_card(row) for row in await run_in_threadpool(rows)]}
+
+    @router.get("/v1/indexes/{name}")
+    async def get_index(name: str):
+        from llmasos.search.store import index_row
+
+        try:
+            return index_card(await run_in_threadpool(index_row, name))
+        except SearchError as exc:
+            raise _search_error(exc, param="name") from None
 
     @router.post("/v1/indexes/{name}/query")
     async def query_index(name: str, request: Request):

