@@ -55,16 +55,6 @@ class CachingEmbedder:
             self.vectors.update(zip(missing, computed, strict=True))
         return torch.stack([self.vectors[key] for key in keys]) if keys else self.embedder.encode_ids([], **options)
 
-    def encode(self, texts, **options):
-        import torch
-
-        if isinstance(texts, str) or options.get("normalize") is not True:
-            return self.embedder.encode(texts, **options)
-        missing = [text for text in dict.fromkeys(texts) if text not in self.vectors]
-        if missing:
-            self.vectors.update(zip(missing, self.embedder.encode(missing, **options), strict=True))
-        return torch.stack([self.vectors[text] for text in texts]) if texts else self.embedder.encode(texts, **options)
-
 
 def reference_top_k(texts: list[str], query: str, k: int) -> tuple[list[int], np.ndarray]:
     """Exact cosine search by sentence-transformers: row numbers of the k best texts and their scores, best first."""
