@@ -87,10 +87,20 @@ def _sqlite_pragmas(connection, _record) -> None:
     # WAL lets the server write usage while the CLI reads; busy_timeout makes writers queue instead of failing.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout() * 1000)}")
     cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def busy_timeout() -> float:
+    """Seconds a SQLite writer waits for another process's write lock before failing (LLMASOS_SQLITE_BUSY_TIMEOUT,
+    default 10)."""
+    value = os.environ.get("LLMASOS_SQLITE_BUSY_TIMEOUT", "")
+    try:
+        return float(value) if value else 10.0
+    except ValueError:
+        raise ValueError(f"LLMASOS_SQLITE_BUSY_TIMEOUT={value!r} is not a number of seconds") from None
 
 
 def import_tables() -> None:

@@ -114,9 +114,11 @@ def _window(db: Connection, key_name: str, now: dt.datetime, used_tokens: int) -
                   used_tokens)
 
 
-def admit(key_name: str, decide, lease_seconds: float) -> tuple[int, Window]:
+def admit(key_name: str, decide, lease_seconds: float, opened=None) -> tuple[int, Window]:
     """Admit one request of `key_name` atomically across servers. `decide(window)` returns (sequences,
-    reserved_tokens) to admit or raises (a refusal); returns (admission id, the window before this admission)."""
+    reserved_tokens) to admit or raises (a refusal); `opened(db, admission_id)`, if given, runs in the same
+    transaction (the ledger opens the request's usage row there); returns (admission id, the window before this
+    admission)."""
     now = utcnow()
     with connection() as db:
         used = _lock_key(db, key_name, now)
@@ -125,6 +127,8 @@ def admit(key_name: str, decide, lease_seconds: float) -> tuple[int, Window]:
         admission_id = db.execute(insert(AdmissionRow).values(
             key_name=key_name, admitted_at=now, sequences=sequences, reserved_tokens=reserved, released_at=None,
             tokens=0, expires_at=now + dt.timedelta(seconds=lease_seconds)).returning(AdmissionRow.id)).scalar_one()
+        if opened is not None:
+            opened(db, admission_id)
         return admission_id, window
 
 

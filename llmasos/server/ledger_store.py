@@ -1,0 +1,111 @@
+"""The metering ledger in the database: one usage row per request, opened at admission under an idempotent record id
+and moved to the request's cumulative token counts by later writes. A write of cumulative counts is idempotent: the
+row takes max(old, new), and the key's quota counter and the admission's reservation move by exactly the difference
+in the same transaction, so a write applied twice (a retried batch, a replayed journal) bills once. Every function
+here blocks: call them from the metering writer's thread or another worker thread."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy import Connection, case, delete, insert, select, text, update
+
+from llmasos.db import connection
+from llmasos.server.auth import UsageRecord
+from llmasos.server.limits_store import WINDOW_SECONDS, AdmissionRow, add_used_tokens, utcnow
+
+LOCK_TIMEOUT = "5s"  # PostgreSQL: a batch waits at most this long for a row lock, then fails and is retried
+
+
+@dataclass
+class Entry:
+    """A request's usage as the server knows it now: cumulative counts, so writing it twice changes nothing."""
+
+    record_id: str
+    key_name: str | None
+    model: str
+    route: str
+    request_id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    admission_id: int | None = None  # its row in `admissions`, whose reservation shrinks as tokens are billed
+    complete: bool = False  # the request ended: the final write sets completed_at and releases the admission
+    created_at: str = field(default_factory=lambda: utcnow().isoformat())
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Entry:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+def _move(db: Connection, entry: Entry, delta: int) -> None:
+    """Count `delta` newly billed tokens against the key's quota and take them off the admission's reservation,
+    so that tokens in flight are never counted twice against the quota."""
+    if not delta:
+        return
+    if entry.key_name is not None:
+        add_used_tokens(db, entry.key_name, delta)
+    if entry.admission_id is not None:
+        reserved = AdmissionRow.reserved_tokens
+        db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id)
+                   .values(reserved_tokens=case((reserved > delta, reserved - delta), else_=0)))
+
+
+def open_entry(db: Connection, entry: Entry) -> None:
+    """Insert the request's row at admission (its prompt tokens billed from the start), in the admission's
+    transaction."""
+    _write(db, entry, utcnow())
+
+
+def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
+    """Bring the entry's row up to the entry's counts; returns the tokens newly billed."""
+    row = db.execute(select(UsageRecord.id, UsageRecord.prompt_tokens, UsageRecord.completion_tokens,
+                            UsageRecord.cost, UsageRecord.completed_at)
+                     .where(UsageRecord.record_id == entry.record_id).with_for_update()).first()
+    if row is None:
+        db.execute(insert(UsageRecord).values(
+            record_id=entry.record_id, key_name=entry.key_name, model=entry.model, route=entry.route,
+            request_id=entry.request_id, created_at=dt.datetime.fromisoformat(entry.created_at),
+            prompt_tokens=entry.prompt_tokens, completion_tokens=entry.completion_tokens, cost=entry.cost,
+            completed_at=now if entry.complete else None))
+        prompt, completion = entry.prompt_tokens, entry.completion_tokens
+        delta = prompt + completion
+    else:
+        prompt, completion = max(row.prompt_tokens, entry.prompt_tokens), max(row.completion_tokens,
+                                                                              entry.completion_tokens)
+        delta = prompt - row.prompt_tokens + completion - row.completion_tokens
+        values: dict = {}
+        if delta:
+            values.update(prompt_tokens=prompt, completion_tokens=completion, cost=max(row.cost, entry.cost))
+        if entry.complete and row.completed_at is None:
+            values["completed_at"] = now
+        if values:
+            db.execute(update(UsageRecord).where(UsageRecord.id == row.id).values(**values))
+    _move(db, entry, delta)
+    if entry.complete and entry.admission_id is not None:  # what limits_store.release did, in the same transaction
+        db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id,
+                                              AdmissionRow.released_at.is_(None))
+                   .values(released_at=now, tokens=prompt + completion))
+    return delta
+
+
+def apply(entries: list[Entry], url: str | None = None) -> int:
+    """Write a batch of entries in one transaction; returns the tokens newly billed. Idempotent."""
+    now = utcnow()
+    billed = 0
+    with connection(url) as db:
+        if db.dialect.name == "postgresql":  # never wait forever behind another transaction's lock
+            db.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        for entry in sorted(entries, key=lambda e: e.record_id):  # one lock order for every writer: no deadlocks
+            billed += _write(db, entry, now)
+        old = now - dt.timedelta(seconds=WINDOW_SECONDS)
+        lapsed = AdmissionRow.released_at.is_(None) & (AdmissionRow.expires_at < now)
+        for key_name in sorted({e.key_name for e in entries if e.complete and e.key_name is not None}):
+            # the key's admissions that can no longer count (released out of the window, or lapsed)
+            db.execute(delete(AdmissionRow).where(AdmissionRow.key_name == key_name, AdmissionRow.admitted_at < old,
+                                                  (AdmissionRow.released_at < old) | lapsed))
+    return billed
