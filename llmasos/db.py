@@ -103,6 +103,20 @@ def busy_timeout() -> float:
         raise ValueError(f"LLMASOS_SQLITE_BUSY_TIMEOUT={value!r} is not a number of seconds") from None
 
 
+def bound_lock_wait(connection: Connection) -> None:
+    """PostgreSQL: this transaction waits at most LLMASOS_DB_LOCK_TIMEOUT seconds (default 5) for a lock held by
+    another, then fails — what SQLite's busy timeout does — so that a stuck writer elsewhere turns into an error the
+    caller handles (a 503, a retried usage batch), never into a request that hangs."""
+    if connection.dialect.name != "postgresql":
+        return
+    value = os.environ.get("LLMASOS_DB_LOCK_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else 5.0
+    except ValueError:
+        raise ValueError(f"LLMASOS_DB_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(seconds * 1000))}"))
+
+
 def import_tables() -> None:
     """Import the modules that define tables so that the metadata knows them all."""
     import importlib

@@ -9,13 +9,11 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import Connection, case, delete, insert, select, text, update
+from sqlalchemy import Connection, case, delete, insert, select, update
 
-from llmasos.db import connection
+from llmasos.db import bound_lock_wait, connection
 from llmasos.server.auth import UsageRecord
 from llmasos.server.limits_store import WINDOW_SECONDS, AdmissionRow, add_used_tokens, utcnow
-
-LOCK_TIMEOUT = "5s"  # PostgreSQL: a batch waits at most this long for a row lock, then fails and is retried
 
 
 @dataclass
@@ -98,8 +96,7 @@ def apply(entries: list[Entry], url: str | None = None) -> int:
     now = utcnow()
     billed = 0
     with connection(url) as db:
-        if db.dialect.name == "postgresql":  # never wait forever behind another transaction's lock
-            db.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        bound_lock_wait(db)  # never wait forever behind another transaction's lock
         for entry in sorted(entries, key=lambda e: e.record_id):  # one lock order for every writer: no deadlocks
             billed += _write(db, entry, now)
         old = now - dt.timedelta(seconds=WINDOW_SECONDS)

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from llmasos.db import Base, connection
+from llmasos.db import Base, bound_lock_wait, connection
 
 WINDOW_SECONDS = 60.0
 
@@ -121,6 +121,7 @@ def admit(key_name: str, decide, lease_seconds: float, opened=None) -> tuple[int
     admission)."""
     now = utcnow()
     with connection() as db:
+        bound_lock_wait(db)
         used = _lock_key(db, key_name, now)
         window = _window(db, key_name, now, used)
         sequences, reserved = decide(window)

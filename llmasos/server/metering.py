@@ -81,7 +81,7 @@ class Admission:
 def metering_unavailable(exc: BaseException) -> APIError:
     """Fail closed: a request that cannot be metered is refused (503, Retry-After), never served unbilled."""
     text = str(exc).lower()
-    reason = "it is locked by another writer" if "locked" in text else \
+    reason = "it is locked by another writer" if "lock" in text else \
         "its disk is full" if "full" in text or "no space" in text else "it does not answer"
     log.warning("refusing a metered request: the metering database failed (%s)", str(exc).splitlines()[0][:200])
     return APIError(503, f"the metering database is unavailable ({reason}): this server refuses metered requests "
