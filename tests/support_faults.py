@@ -79,3 +79,69 @@ def can_mount() -> str | None:
     if os.geteuid() != 0:
         return "mounting a tmpfs needs root"
     return None
+
+
+class Stream:
+    """A streamed completion read in a thread, counting its completion tokens (logprobs=0: one entry per token) with
+    the time each chunk arrived, so that a test can ask what the client had received at any moment."""
+
+    def __init__(self, base_url: str, key: str, model: str, max_tokens: int, prompt: str = "To be") -> None:
+        import threading
+
+        self.body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                     "logprobs": 0, "temperature": 1.0, "stream_options": {"include_usage": True}}
+        self.base_url, self.key = base_url, key
+        self.request_id: str | None = None
+        self.received: list[tuple[float, int]] = []  # (monotonic time, tokens so far)
+        self.usage: dict | None = None
+        self.done = False  # "[DONE]" arrived
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    @property
+    def tokens(self) -> int:
+        return self.received[-1][1] if self.received else 0
+
+    def tokens_at(self, moment: float) -> int:
+        """Tokens the client had received by `moment` (time.monotonic())."""
+        return max((n for at, n in self.received if at <= moment), default=0)
+
+    def _read(self) -> None:
+        import json
+        import time
+
+        import httpx
+
+        count = 0
+        try:
+            with httpx.stream("POST", self.base_url + "/v1/completions", json=self.body, timeout=120,
+                              headers={"Authorization": f"Bearer {self.key}"}) as response:
+                self.status = response.status_code
+                if response.status_code != 200:
+                    response.read()
+                    return
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        self.done = True
+                        continue
+                    event = json.loads(data)
+                    self.request_id = event.get("id", self.request_id)
+                    if event.get("usage"):
+                        self.usage = event["usage"]
+                    for choice in event.get("choices", []):
+                        count += len((choice.get("logprobs") or {}).get("tokens") or [])
+                    self.received.append((time.monotonic(), count))
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            self.error = exc
+        finally:
+            self.finished_at = time.monotonic()
+
+    def join(self, timeout: float = 120.0) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the stream did not end in time"

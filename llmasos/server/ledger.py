@@ -3,21 +3,24 @@ batches (every LLMASOS_METERING_FLUSH seconds, default 1, or at once when a requ
 failed batches with backoff, and meanwhile keeps them in an fsync'ed journal under $LLMASOS_HOME/metering-journal that
 is replayed when the database answers again — by this server, or by the next one to start if this one died.
 
-The bound: a kill -9 loses the tokens delivered since the last successful flush or journal write, at most one flush
-interval (plus the time a write waits for the database before failing: SQLite's busy timeout, PostgreSQL's lock
-timeout). Entries carry cumulative counts, so a batch applied twice, or a journal replayed after its entries reached
-the database, bills once. Nothing here ever raises into a request: a bill that cannot be written yet stays in memory
-and the writer keeps trying."""
+The bound: a kill -9 loses the tokens delivered since the last successful flush or journal write: at most one flush
+interval, plus, while the database is failing, the time one try waits before it fails (SQLite's busy timeout,
+LLMASOS_SQLITE_BUSY_TIMEOUT; PostgreSQL's lock timeout, LLMASOS_DB_LOCK_TIMEOUT); between tries the journal is
+written every interval. If the journal cannot be written either (its disk is full), entries wait in memory.
+
+Entries carry cumulative counts, so a batch applied twice, or a journal replayed after its entries reached the
+database, bills once. Nothing here ever raises into a request: a bill that cannot be written yet stays in memory and
+the writer keeps trying."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import fcntl
 import json
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -236,16 +239,22 @@ class Ledger:
     # --- the writer thread ---
 
     def _run(self) -> None:
-        backoff = 0.0
+        backoff, retry_at = 0.0, 0.0  # during an outage: the next database try waits out a growing backoff
         while True:
             with self._lock:
                 if not self._urgent:
-                    self._lock.wait(backoff or self.flush_interval)
+                    wait = self.flush_interval
+                    if backoff:
+                        wait = max(0.0, min(wait, retry_at - time.monotonic()))
+                    self._lock.wait(wait)
                 if self._closing and not self._dirty:
                     return
                 batch = [(entry.record_id, replace(entry), version)
                          for entry, version in list(self._dirty.values())[:BATCH_SIZE]]
-                self._urgent = self._closing or len(self._dirty) > len(batch)  # more to write: no pause
+                self._urgent = len(self._dirty) > len(batch)  # more to write: no pause
+            if backoff and time.monotonic() < retry_at and not self._closing:
+                self._journal(batch)  # the database is not tried again yet: the journal keeps up meanwhile
+                continue
             if not self._dead_replayed:
                 self._replay_dead()
             if not batch:
@@ -261,8 +270,7 @@ class Ledger:
                 if self._closing:
                     return  # the journal (or, if even that failed, the log) has them; the next server replays it
                 backoff = min(MAX_BACKOFF, max(0.05, backoff * 2))
-                with self._lock:
-                    self._urgent = False  # wait out the backoff, even for a request that just ended
+                retry_at = time.monotonic() + backoff
                 self._dead_replayed = False  # when the database is back, look for dead servers' journals again
                 continue
             backoff = 0.0
@@ -304,7 +312,7 @@ class Ledger:
             self.journal.write([entry for _, entry, _ in fresh])
         except OSError as exc:
             self.journal_failures += 1
-            if self.journal_failures == 1 or exc.errno == errno.ENOSPC:
+            if self.journal_failures % 100 == 1:  # once per outage or so, not every interval
                 log.error("metering: the journal cannot be written either (%s); keeping %d entries in memory",
                           exc, len(fresh))
             return
