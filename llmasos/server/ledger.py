@@ -30,7 +30,7 @@ from llmasos.server.ledger_store import Entry
 
 log = logging.getLogger(__name__)
 DEFAULT_FLUSH_SECONDS = 1.0
-BATCH_SIZE = 256  # entries per transaction; this many dirty entries also wake the writer before its interval
+BATCH_SIZE = 128  # entries per transaction (it holds their keys' counters); this many dirty ones wake the writer
 MAX_BACKOFF = 2.0  # seconds between the retries of a failing database
 
 
@@ -180,12 +180,13 @@ class Ledger:
     def update(self, entry: Entry, prompt_tokens: int | None = None, completion_tokens: int | None = None,
                cost: float | None = None) -> None:
         """New cumulative counts of a running request; flushed with the next batch."""
-        if prompt_tokens is not None:
-            entry.prompt_tokens = prompt_tokens
-        if completion_tokens is not None:
-            entry.completion_tokens = completion_tokens
-        if cost is not None:
-            entry.cost = cost
+        with self._lock:  # the writer copies entries under this lock: never half an update
+            if prompt_tokens is not None:
+                entry.prompt_tokens = prompt_tokens
+            if completion_tokens is not None:
+                entry.completion_tokens = completion_tokens
+            if cost is not None:
+                entry.cost = cost
         self._mark(entry, urgent=False)
 
     def finish(self, entry: Entry) -> concurrent.futures.Future:

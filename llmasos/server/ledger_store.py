@@ -13,7 +13,7 @@ from sqlalchemy import Connection, case, delete, insert, select, update
 
 from llmasos.db import bound_lock_wait, connection
 from llmasos.server.auth import UsageRecord
-from llmasos.server.limits_store import WINDOW_SECONDS, AdmissionRow, add_used_tokens, utcnow
+from llmasos.server.limits_store import WINDOW_SECONDS, AdmissionRow, add_used_tokens, lock_counter, utcnow
 
 
 @dataclass
@@ -40,14 +40,10 @@ class Entry:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
-def _move(db: Connection, entry: Entry, delta: int) -> None:
-    """Count `delta` newly billed tokens against the key's quota and take them off the admission's reservation,
-    so that tokens in flight are never counted twice against the quota."""
-    if not delta:
-        return
-    if entry.key_name is not None:
-        add_used_tokens(db, entry.key_name, delta)
-    if entry.admission_id is not None:
+def _reserve_less(db: Connection, entry: Entry, delta: int) -> None:
+    """Take `delta` newly billed tokens off the admission's reservation (they now count as used), so that tokens
+    in flight are never counted twice against the quota."""
+    if delta and entry.admission_id is not None:
         reserved = AdmissionRow.reserved_tokens
         db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id)
                    .values(reserved_tokens=case((reserved > delta, reserved - delta), else_=0)))
@@ -55,12 +51,15 @@ def _move(db: Connection, entry: Entry, delta: int) -> None:
 
 def open_entry(db: Connection, entry: Entry) -> None:
     """Insert the request's row at admission (its prompt tokens billed from the start), in the admission's
-    transaction."""
-    _write(db, entry, utcnow())
+    transaction (which holds the key's counter row already)."""
+    delta = _write(db, entry, utcnow())
+    if entry.key_name is not None:
+        add_used_tokens(db, entry.key_name, delta)
 
 
 def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
-    """Bring the entry's row up to the entry's counts; returns the tokens newly billed."""
+    """Bring the entry's row and its admission up to the entry's counts; returns the tokens newly billed, which the
+    caller counts against the key's quota."""
     row = db.execute(select(UsageRecord.id, UsageRecord.prompt_tokens, UsageRecord.completion_tokens,
                             UsageRecord.cost, UsageRecord.completed_at)
                      .where(UsageRecord.record_id == entry.record_id).with_for_update()).first()
@@ -83,7 +82,7 @@ def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
             values["completed_at"] = now
         if values:
             db.execute(update(UsageRecord).where(UsageRecord.id == row.id).values(**values))
-    _move(db, entry, delta)
+    _reserve_less(db, entry, delta)
     if entry.complete and entry.admission_id is not None:  # what limits_store.release did, in the same transaction
         db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id,
                                               AdmissionRow.released_at.is_(None))
@@ -97,12 +96,37 @@ def apply(entries: list[Entry], url: str | None = None) -> int:
     billed = 0
     with connection(url) as db:
         bound_lock_wait(db)  # never wait forever behind another transaction's lock
-        for entry in sorted(entries, key=lambda e: e.record_id):  # one lock order for every writer: no deadlocks
-            billed += _write(db, entry, now)
-        old = now - dt.timedelta(seconds=WINDOW_SECONDS)
-        lapsed = AdmissionRow.released_at.is_(None) & (AdmissionRow.expires_at < now)
-        for key_name in sorted({e.key_name for e in entries if e.complete and e.key_name is not None}):
-            # the key's admissions that can no longer count (released out of the window, or lapsed)
-            db.execute(delete(AdmissionRow).where(AdmissionRow.key_name == key_name, AdmissionRow.admitted_at < old,
-                                                  (AdmissionRow.released_at < old) | lapsed))
+        # Lock order, the same in every writer, so that none deadlocks: first the keys' counters (shared by every
+        # server; sorted), waiting for them before holding anything else — the lease renewer then never waits
+        # behind this batch's wait — then this server's own rows, admissions in ascending id order as the renewer
+        # takes them (limits_store.renew).
+        by_key = dict.fromkeys(sorted({e.key_name for e in entries if e.key_name is not None}), 0)
+        for key_name in by_key:
+            lock_counter(db, key_name)
+        for entry in sorted(entries, key=lambda e: (e.admission_id is None, e.admission_id or 0, e.record_id)):
+            delta = _write(db, entry, now)
+            billed += delta
+            if entry.key_name is not None:
+                by_key[entry.key_name] += delta
+        for key_name, delta in by_key.items():
+            add_used_tokens(db, key_name, delta)
+    _forget_old_admissions({e.key_name for e in entries if e.complete and e.key_name is not None}, now, url)
     return billed
+
+
+def _forget_old_admissions(key_names: set[str], now: dt.datetime, url: str | None) -> None:
+    """Drop the keys' admissions that can no longer count (released out of the window, or lapsed): a short
+    transaction of its own, outside the keys' locks; a failure only leaves them for next time."""
+    if not key_names:
+        return
+    old = now - dt.timedelta(seconds=WINDOW_SECONDS)
+    lapsed = AdmissionRow.released_at.is_(None) & (AdmissionRow.expires_at < now)
+    try:
+        with connection(url) as db:
+            bound_lock_wait(db)
+            for key_name in sorted(key_names):
+                db.execute(delete(AdmissionRow).where(AdmissionRow.key_name == key_name,
+                                                      AdmissionRow.admitted_at < old,
+                                                      (AdmissionRow.released_at < old) | lapsed))
+    except Exception:  # noqa: BLE001 - housekeeping only
+        pass

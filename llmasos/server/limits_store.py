@@ -83,6 +83,12 @@ def _lock_key(db: Connection, key_name: str, now: dt.datetime) -> int:
     return int(used or 0)
 
 
+def lock_counter(db: Connection, key_name: str) -> None:
+    """Take the key's counter row lock (PostgreSQL; SQLite's write lock covers it) without changing it."""
+    if db.dialect.name == "postgresql":
+        db.execute(select(KeyCounter.key_name).where(KeyCounter.key_name == key_name).with_for_update())
+
+
 def ensure_counter(db: Connection, key_name: str) -> None:
     """Insert the key's counter row unless another server just did."""
     dialect = db.dialect.name
@@ -151,9 +157,11 @@ def renew(admission_ids: list[int], lease_seconds: float) -> None:
     if not admission_ids:
         return
     expires = utcnow() + dt.timedelta(seconds=lease_seconds)
+    # Locked in ascending id order, as the metering writer's batches lock them: the two never deadlock.
+    ids = select(AdmissionRow.id).where(AdmissionRow.id.in_(admission_ids), AdmissionRow.released_at.is_(None)) \
+        .order_by(AdmissionRow.id).with_for_update()
     with connection() as db:
-        db.execute(update(AdmissionRow).where(AdmissionRow.id.in_(admission_ids), AdmissionRow.released_at.is_(None))
-                   .values(expires_at=expires))
+        db.execute(update(AdmissionRow).where(AdmissionRow.id.in_(ids)).values(expires_at=expires))
 
 
 def add_used_tokens(db: Connection, key_name: str, tokens: int) -> None:

@@ -57,7 +57,7 @@ async def settle(state: ServerState, admission: Admission, entry: Entry) -> None
         state.limiter.release_here(admission, entry.prompt_tokens + entry.completion_tokens)
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), FINAL_WRITE_WAIT)
     except asyncio.TimeoutError:
-        log.warning("the usage of request %s is not written yet; the metering writer keeps it", entry.request_id)
+        log.debug("the usage of request %s is not written yet; the metering writer keeps it", entry.request_id)
     except Exception:  # noqa: BLE001 - a delivered response is never turned into an error by its bill
         log.exception("metering request %s failed", entry.request_id)
 

@@ -141,6 +141,16 @@ def usage_by_key(database_url: str) -> dict[str, tuple[int, int]]:
     return {name: (int(p), int(c)) for name, p, c in rows}
 
 
+def unfinished_usage_rows(database_url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT COUNT(*) FROM usage WHERE completed_at IS NULL")).scalar()
+    engine.dispose()
+    return int(count)
+
+
 def test_an_rpm_limit_across_replicas_admits_exactly_its_number(cluster):
     replicas, keys, database_url = cluster
 
@@ -170,6 +180,11 @@ def test_hundreds_of_concurrent_requests_are_metered_to_the_token_and_the_quota_
         assert status == 200 or (name == "quota" and status == 429), (name, status)
         received[name][0] += prompt
         received[name][1] += completion
+    # Every answer was sent; a final usage write still queued behind others completes within a flush or two.
+    deadline = time.monotonic() + 15
+    while unfinished_usage_rows(database_url):
+        assert time.monotonic() < deadline, "usage rows still incomplete"
+        time.sleep(0.1)
     metered = usage_by_key(database_url)
     for name in names:
         assert metered.get(name, (0, 0)) == tuple(received[name]), name
