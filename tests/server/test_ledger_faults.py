@@ -17,6 +17,7 @@ from support_faults import Stream, Tmpfs, can_mount, write_lock_held
 from llmasos.db import database_url, dispose_all, session
 from llmasos.server import auth
 
+DATABASES = ("sqlite",)  # these faults are SQLite's: its file's write lock and the disk it lives on
 FLUSH = 0.2  # the metering writer's interval in these tests
 BUSY = 0.5  # SQLite busy timeout: the lock below is held far longer
 
