@@ -34,6 +34,16 @@ BATCH_SIZE = 128  # entries per transaction (it holds their keys' counters); thi
 MAX_BACKOFF = 2.0  # seconds between the retries of a failing database
 
 
+HOUSEKEEPING_SECONDS = 5.0  # how often the admissions that can no longer count are dropped
+
+
+def _resolve(future: concurrent.futures.Future) -> None:
+    try:
+        future.set_result(True)
+    except concurrent.futures.InvalidStateError:  # its waiter gave up (cancelled)
+        pass
+
+
 def flush_seconds() -> float:
     value = os.environ.get("LLMASOS_METERING_FLUSH", "")
     try:
@@ -164,6 +174,8 @@ class Ledger:
         self._closing = False
         self._urgent = False
         self._dead_replayed = False
+        self._ended_keys: set[str] = set()  # keys whose requests ended since their old admissions were dropped
+        self._housekeeping_at = time.monotonic()
         # What happened, for tests and logs.
         self.batches = self.failures = self.journal_writes = self.journal_failures = self.replayed = 0
 
@@ -295,12 +307,16 @@ class Ledger:
                             released.append(entry.admission_id)
             journal_done = self.journal.path is not None and not self._journaled
         for future in done:
-            future.set_result(True)
+            _resolve(future)
         if self.on_released is not None:
             for admission_id in released:
                 self.on_released(admission_id)
         if journal_done:
             self._replay_own()
+        self._ended_keys.update(e.key_name for _, e, _ in batch if e.complete and e.key_name is not None)
+        if self._ended_keys and time.monotonic() - self._housekeeping_at > HOUSEKEEPING_SECONDS:
+            ledger_store.forget_old_admissions(self._ended_keys, self.url)
+            self._ended_keys, self._housekeeping_at = set(), time.monotonic()
 
     def _journal(self, batch: list[tuple[str, Entry, int]]) -> None:
         """Keep the failed batch's entries on disk (those not journaled at this version yet)."""
@@ -325,7 +341,7 @@ class Ledger:
                 if entry.complete and record_id in self._waiters:
                     done.append(self._waiters.pop(record_id))
         for future in done:
-            future.set_result(True)
+            _resolve(future)
 
     def _replay_own(self) -> None:
         """Everything this journal held has reached the database since: replay it (a no-op by then, entry by entry,

@@ -40,21 +40,20 @@ class Entry:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
-def _reserve_less(db: Connection, entry: Entry, delta: int) -> None:
-    """Take `delta` newly billed tokens off the admission's reservation (they now count as used), so that tokens
-    in flight are never counted twice against the quota."""
-    if delta and entry.admission_id is not None:
-        reserved = AdmissionRow.reserved_tokens
-        db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id)
-                   .values(reserved_tokens=case((reserved > delta, reserved - delta), else_=0)))
+def _insert(db: Connection, entry: Entry, now: dt.datetime) -> None:
+    db.execute(insert(UsageRecord).values(
+        record_id=entry.record_id, key_name=entry.key_name, model=entry.model, route=entry.route,
+        request_id=entry.request_id, created_at=dt.datetime.fromisoformat(entry.created_at),
+        prompt_tokens=entry.prompt_tokens, completion_tokens=entry.completion_tokens, cost=entry.cost,
+        completed_at=now if entry.complete else None))
 
 
 def open_entry(db: Connection, entry: Entry) -> None:
-    """Insert the request's row at admission (its prompt tokens billed from the start), in the admission's
-    transaction (which holds the key's counter row already)."""
-    delta = _write(db, entry, utcnow())
+    """Insert the request's row at admission, its prompt tokens billed from the start, in the admission's
+    transaction (which holds the key's counter row already, and reserved the prompt's tokens less)."""
+    _insert(db, entry, utcnow())
     if entry.key_name is not None:
-        add_used_tokens(db, entry.key_name, delta)
+        add_used_tokens(db, entry.key_name, entry.prompt_tokens + entry.completion_tokens)
 
 
 def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
@@ -63,12 +62,8 @@ def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
     row = db.execute(select(UsageRecord.id, UsageRecord.prompt_tokens, UsageRecord.completion_tokens,
                             UsageRecord.cost, UsageRecord.completed_at)
                      .where(UsageRecord.record_id == entry.record_id).with_for_update()).first()
-    if row is None:
-        db.execute(insert(UsageRecord).values(
-            record_id=entry.record_id, key_name=entry.key_name, model=entry.model, route=entry.route,
-            request_id=entry.request_id, created_at=dt.datetime.fromisoformat(entry.created_at),
-            prompt_tokens=entry.prompt_tokens, completion_tokens=entry.completion_tokens, cost=entry.cost,
-            completed_at=now if entry.complete else None))
+    if row is None:  # a keyless request's first write, or a journal replayed where its row never got written
+        _insert(db, entry, now)
         prompt, completion = entry.prompt_tokens, entry.completion_tokens
         delta = prompt + completion
     else:
@@ -82,11 +77,17 @@ def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
             values["completed_at"] = now
         if values:
             db.execute(update(UsageRecord).where(UsageRecord.id == row.id).values(**values))
-    _reserve_less(db, entry, delta)
-    if entry.complete and entry.admission_id is not None:  # what limits_store.release did, in the same transaction
+    if entry.admission_id is not None and (delta or entry.complete):
+        # The newly billed tokens come off the reservation (they count as used now: never twice against the quota);
+        # the final write releases the admission, as limits_store.release did.
+        values = {}
+        if delta:
+            reserved = AdmissionRow.reserved_tokens
+            values["reserved_tokens"] = case((reserved > delta, reserved - delta), else_=0)
+        if entry.complete:
+            values.update(released_at=now, tokens=prompt + completion)
         db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id,
-                                              AdmissionRow.released_at.is_(None))
-                   .values(released_at=now, tokens=prompt + completion))
+                                              AdmissionRow.released_at.is_(None)).values(**values))
     return delta
 
 
@@ -110,15 +111,15 @@ def apply(entries: list[Entry], url: str | None = None) -> int:
                 by_key[entry.key_name] += delta
         for key_name, delta in by_key.items():
             add_used_tokens(db, key_name, delta)
-    _forget_old_admissions({e.key_name for e in entries if e.complete and e.key_name is not None}, now, url)
     return billed
 
 
-def _forget_old_admissions(key_names: set[str], now: dt.datetime, url: str | None) -> None:
+def forget_old_admissions(key_names: set[str], url: str | None = None) -> None:
     """Drop the keys' admissions that can no longer count (released out of the window, or lapsed): a short
     transaction of its own, outside the keys' locks; a failure only leaves them for next time."""
     if not key_names:
         return
+    now = utcnow()
     old = now - dt.timedelta(seconds=WINDOW_SECONDS)
     lapsed = AdmissionRow.released_at.is_(None) & (AdmissionRow.expires_at < now)
     try:

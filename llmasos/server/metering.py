@@ -169,6 +169,8 @@ class Limiter:
 
         def decide(window: Window) -> tuple[int, int]:
             decided[:] = self._decide(key, window, prompt_tokens, max_tokens, sequences)
+            if entry is not None:  # its prompt is billed in this transaction: it counts as used, not reserved
+                return sequences, max(0, decided[1] - entry.prompt_tokens)
             return sequences, decided[1]
 
         def opened(db, admission_id: int) -> None:
