@@ -2,7 +2,9 @@
 controller enforcing requests/tokens per minute, concurrent requests and the token quota, with OpenAI's headers.
 
 The limits live in the database (`limits_store`), so servers sharing one database enforce them together; only the
-fair share of one server (`max_sequences_per_key`) is counted per process."""
+fair share of one server (`max_sequences_per_key`) is counted per process. An admission opens the request's usage
+row in the metering ledger (`ledger_store`); when the database cannot be read or written, admission fails closed
+(a 503), so nothing is served unbilled."""
 
 from __future__ import annotations
 

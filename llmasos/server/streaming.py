@@ -113,9 +113,9 @@ class Job:
         try:
             self.metered()
         finally:
-            await settle(self.state, self.admission, self.entry)
             metrics.prompt_tokens.labels(model_id).inc(self.prompt_tokens)
             metrics.generation_tokens.labels(model_id).inc(self.completion_tokens)
+            await settle(self.state, self.admission, self.entry)
 
     async def run(self) -> AsyncIterator[tuple[int, object]]:
         """Deltas of every prompt's request, as (prompt index, RequestOutput), interleaved as they come. Closing
