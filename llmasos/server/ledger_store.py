@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import Connection, case, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 
 from llmasos.db import bound_lock_wait, connection
 from llmasos.server.auth import UsageRecord
@@ -40,61 +40,38 @@ class Entry:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
-def _insert(db: Connection, entry: Entry, now: dt.datetime) -> None:
-    db.execute(insert(UsageRecord).values(
-        record_id=entry.record_id, key_name=entry.key_name, model=entry.model, route=entry.route,
-        request_id=entry.request_id, created_at=dt.datetime.fromisoformat(entry.created_at),
-        prompt_tokens=entry.prompt_tokens, completion_tokens=entry.completion_tokens, cost=entry.cost,
-        completed_at=now if entry.complete else None))
+def _row(entry: Entry, now: dt.datetime) -> dict:
+    return dict(record_id=entry.record_id, key_name=entry.key_name, model=entry.model, route=entry.route,
+                request_id=entry.request_id, created_at=dt.datetime.fromisoformat(entry.created_at),
+                prompt_tokens=entry.prompt_tokens, completion_tokens=entry.completion_tokens, cost=entry.cost,
+                completed_at=now if entry.complete else None)
 
 
 def open_entry(db: Connection, entry: Entry) -> None:
     """Insert the request's row at admission, its prompt tokens billed from the start, in the admission's
-    transaction (which holds the key's counter row already, and reserved the prompt's tokens less)."""
-    _insert(db, entry, utcnow())
-    if entry.key_name is not None:
-        add_used_tokens(db, entry.key_name, entry.prompt_tokens + entry.completion_tokens)
+    transaction (whose first statement counted them on the key's counter, and which reserved them less)."""
+    db.execute(insert(UsageRecord).values(**_row(entry, utcnow())))
 
 
-def _write(db: Connection, entry: Entry, now: dt.datetime) -> int:
-    """Bring the entry's row and its admission up to the entry's counts; returns the tokens newly billed, which the
-    caller counts against the key's quota."""
-    row = db.execute(select(UsageRecord.id, UsageRecord.prompt_tokens, UsageRecord.completion_tokens,
-                            UsageRecord.cost, UsageRecord.completed_at)
-                     .where(UsageRecord.record_id == entry.record_id).with_for_update()).first()
-    if row is None:  # a keyless request's first write, or a journal replayed where its row never got written
-        _insert(db, entry, now)
-        prompt, completion = entry.prompt_tokens, entry.completion_tokens
-        delta = prompt + completion
-    else:
-        prompt, completion = max(row.prompt_tokens, entry.prompt_tokens), max(row.completion_tokens,
-                                                                              entry.completion_tokens)
-        delta = prompt - row.prompt_tokens + completion - row.completion_tokens
-        values: dict = {}
-        if delta:
-            values.update(prompt_tokens=prompt, completion_tokens=completion, cost=max(row.cost, entry.cost))
-        if entry.complete and row.completed_at is None:
-            values["completed_at"] = now
-        if values:
-            db.execute(update(UsageRecord).where(UsageRecord.id == row.id).values(**values))
-    if entry.admission_id is not None and (delta or entry.complete):
-        # The newly billed tokens come off the reservation (they count as used now: never twice against the quota);
-        # the final write releases the admission, as limits_store.release did.
-        values = {}
-        if delta:
-            reserved = AdmissionRow.reserved_tokens
-            values["reserved_tokens"] = case((reserved > delta, reserved - delta), else_=0)
-        if entry.complete:
-            values.update(released_at=now, tokens=prompt + completion)
-        db.execute(update(AdmissionRow).where(AdmissionRow.id == entry.admission_id,
-                                              AdmissionRow.released_at.is_(None)).values(**values))
-    return delta
+# One statement each for a whole batch (executemany): the batch holds its keys' counters while it runs.
+_UPDATE_ROW = update(UsageRecord).where(UsageRecord.id == bindparam("row_id")).values(
+    prompt_tokens=bindparam("new_prompt"), completion_tokens=bindparam("new_completion"), cost=bindparam("new_cost"),
+    completed_at=bindparam("new_completed_at"))
+_RESERVED = AdmissionRow.reserved_tokens
+_RESERVE_LESS = case((_RESERVED > bindparam("delta"), _RESERVED - bindparam("delta")), else_=0)
+_LIVE_ADMISSION = (AdmissionRow.id == bindparam("admission"), AdmissionRow.released_at.is_(None))
+_UPDATE_RUNNING = update(AdmissionRow).where(*_LIVE_ADMISSION).values(reserved_tokens=_RESERVE_LESS)
+_RELEASE = update(AdmissionRow).where(*_LIVE_ADMISSION).values(
+    reserved_tokens=_RESERVE_LESS, released_at=bindparam("released_at"), tokens=bindparam("total"))
 
 
 def apply(entries: list[Entry], url: str | None = None) -> int:
-    """Write a batch of entries in one transaction; returns the tokens newly billed. Idempotent."""
+    """Write a batch of entries (one entry per record) in one transaction; returns the tokens newly billed.
+    Idempotent: each row takes max(old, new) and the key's counter and the admission's reservation move by exactly
+    the difference; a final entry marks its row complete and releases its admission, as limits_store.release did."""
     now = utcnow()
     billed = 0
+    entries = sorted(entries, key=lambda e: (e.admission_id is None, e.admission_id or 0, e.record_id))
     with connection(url) as db:
         bound_lock_wait(db)  # never wait forever behind another transaction's lock
         # Lock order, the same in every writer, so that none deadlocks: first the keys' counters (shared by every
@@ -104,11 +81,39 @@ def apply(entries: list[Entry], url: str | None = None) -> int:
         by_key = dict.fromkeys(sorted({e.key_name for e in entries if e.key_name is not None}), 0)
         for key_name in by_key:
             lock_counter(db, key_name)
-        for entry in sorted(entries, key=lambda e: (e.admission_id is None, e.admission_id or 0, e.record_id)):
-            delta = _write(db, entry, now)
+        usage = UsageRecord
+        found = {row.record_id: row for row in db.execute(
+            select(usage.id, usage.record_id, usage.prompt_tokens, usage.completion_tokens, usage.cost,
+                   usage.completed_at).where(usage.record_id.in_([e.record_id for e in entries]))
+            .order_by(usage.id).with_for_update())}
+        inserts, row_updates, running, released = [], [], [], []
+        for entry in entries:
+            row = found.get(entry.record_id)
+            if row is None:  # a keyless request's first write, or a journal replayed where its row never got written
+                inserts.append(_row(entry, now))
+                prompt, completion = entry.prompt_tokens, entry.completion_tokens
+                delta = prompt + completion
+            else:
+                prompt = max(row.prompt_tokens, entry.prompt_tokens)
+                completion = max(row.completion_tokens, entry.completion_tokens)
+                delta = prompt - row.prompt_tokens + completion - row.completion_tokens
+                completed_at = row.completed_at or (now if entry.complete else None)
+                if delta or completed_at != row.completed_at:
+                    row_updates.append({"row_id": row.id, "new_prompt": prompt, "new_completion": completion,
+                                        "new_cost": max(row.cost, entry.cost) if delta else row.cost,
+                                        "new_completed_at": completed_at})
             billed += delta
             if entry.key_name is not None:
                 by_key[entry.key_name] += delta
+            if entry.admission_id is not None and entry.complete:
+                released.append({"admission": entry.admission_id, "delta": delta, "released_at": now,
+                                  "total": prompt + completion})
+            elif entry.admission_id is not None and delta:
+                running.append({"admission": entry.admission_id, "delta": delta})
+        for statement, rows in ((insert(usage), inserts), (_UPDATE_ROW, row_updates), (_UPDATE_RUNNING, running),
+                                (_RELEASE, released)):
+            if rows:  # one row: a plain execute (executemany's pipeline costs more for one)
+                db.execute(statement, rows[0] if len(rows) == 1 else rows)
         for key_name, delta in by_key.items():
             add_used_tokens(db, key_name, delta)
     return billed

@@ -72,15 +72,16 @@ class Window:
     used_tokens: int  # metered so far (the quota's count)
 
 
-def _lock_key(db: Connection, key_name: str, now: dt.datetime) -> int:
-    """Take the key's row lock (creating its row on first use); returns the tokens it has used."""
-    statement = (update(KeyCounter).where(KeyCounter.key_name == key_name).values(touched_at=now)
-                 .returning(KeyCounter.used_tokens))
+def _lock_key(db: Connection, key_name: str, now: dt.datetime, billed: int = 0) -> int:
+    """Take the key's row lock (creating its row on first use), counting `billed` tokens in the same statement;
+    returns the tokens it had used before them."""
+    statement = (update(KeyCounter).where(KeyCounter.key_name == key_name)
+                 .values(touched_at=now, used_tokens=KeyCounter.used_tokens + billed).returning(KeyCounter.used_tokens))
     used = db.execute(statement).scalar()
     if used is None:
         ensure_counter(db, key_name)
         used = db.execute(statement).scalar()
-    return int(used or 0)
+    return int(used or 0) - billed
 
 
 def lock_counter(db: Connection, key_name: str) -> None:
@@ -120,15 +121,16 @@ def _window(db: Connection, key_name: str, now: dt.datetime, used_tokens: int) -
                   used_tokens)
 
 
-def admit(key_name: str, decide, lease_seconds: float, opened=None) -> tuple[int, Window]:
+def admit(key_name: str, decide, lease_seconds: float, opened=None, billed: int = 0) -> tuple[int, Window]:
     """Admit one request of `key_name` atomically across servers. `decide(window)` returns (sequences,
-    reserved_tokens) to admit or raises (a refusal); `opened(db, admission_id)`, if given, runs in the same
-    transaction (the ledger opens the request's usage row there); returns (admission id, the window before this
-    admission)."""
+    reserved_tokens) to admit or raises (a refusal, which rolls everything back); `opened(db, admission_id)`, if
+    given, runs in the same transaction (the ledger opens the request's usage row there, of `billed` tokens, which
+    the key's counter counts from the statement that locks it: one round trip less under the lock); returns
+    (admission id, the window before this admission)."""
     now = utcnow()
     with connection() as db:
         bound_lock_wait(db)
-        used = _lock_key(db, key_name, now)
+        used = _lock_key(db, key_name, now, billed)
         window = _window(db, key_name, now, used)
         sequences, reserved = decide(window)
         admission_id = db.execute(insert(AdmissionRow).values(

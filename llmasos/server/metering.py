@@ -180,8 +180,9 @@ class Limiter:
             ledger_store.open_entry(db, entry)
 
         try:
-            admission_id, window = limits_store.admit(key.name, decide, self.lease,
-                                                      opened if entry is not None else None)
+            admission_id, window = limits_store.admit(
+                key.name, decide, self.lease, opened if entry is not None else None,
+                billed=entry.prompt_tokens + entry.completion_tokens if entry is not None else 0)
         except SQLAlchemyError as exc:
             self._give_back(key.name, sequences)
             if entry is not None:
