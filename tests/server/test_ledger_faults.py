@@ -7,6 +7,7 @@ delivered tokens exactly, per key, with the quota never overrun."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,13 @@ def billed_by_key() -> dict[str, tuple[int, int]]:
         found = db.execute(select(usage.key_name, func.sum(usage.prompt_tokens), func.sum(usage.completion_tokens))
                            .group_by(usage.key_name)).all()
     return {name: (int(p), int(c)) for name, p, c in found}
+
+
+def rows_of(key_name: str) -> int:
+    from sqlalchemy import func, select
+
+    with session() as db:
+        return db.scalar(select(func.count(auth.UsageRecord.id)).where(auth.UsageRecord.key_name == key_name))
 
 
 def delivered_by_key(streams: list[tuple[str, Stream]]) -> dict[str, tuple[int, int]]:
@@ -68,7 +76,13 @@ def test_a_write_lock_held_past_the_busy_timeout_loses_no_bill_and_fails_no_clie
         try:
             plan = [("lock-a", 40), ("lock-b", 80), ("lock-a", 160), ("lock-b", 320), ("lock-a", 900)]
             streams = [(name, Stream(service.base_url, keys[name], MODEL, n)) for name, n in plan]
+            # and one answer that is not streamed (on main, those came back as 500s when their usage write failed)
+            whole = ThreadPoolExecutor(1).submit(
+                httpx.post, service.base_url + "/v1/completions", timeout=120,
+                headers={"Authorization": f"Bearer {keys['lock-b']}"},
+                json={"model": MODEL, "prompt": "To be", "max_tokens": 150, "ignore_eos": True})
             wait_until(lambda: all(s.tokens for _, s in streams), timeout=60)
+            wait_until(lambda: rows_of("lock-b") == 3, timeout=30)  # all admitted: their rows exist already
             health: list[float] = []
             with write_lock_held(database_url()):
                 locked_at = time.monotonic()
@@ -92,7 +106,13 @@ def test_a_write_lock_held_past_the_busy_timeout_loses_no_bill_and_fails_no_clie
             ledger = service._state.ledger
             wait_settled(service, tmp_path / "home" / "metering-journal")
             assert ledger.failures >= 1 and ledger.journal_writes >= 1 and ledger.replayed >= 1
-            assert billed_by_key() == delivered_by_key(streams)
+            answer = whole.result(timeout=120)
+            assert answer.status_code == 200, answer.text
+            delivered = delivered_by_key(streams)
+            usage = answer.json()["usage"]
+            assert usage["completion_tokens"] == 150
+            delivered["lock-b"] = (delivered["lock-b"][0] + usage["prompt_tokens"], delivered["lock-b"][1] + 150)
+            assert billed_by_key() == delivered
             for name in keys:
                 assert auth.tokens_used(name) == sum(billed_by_key()[name])
             assert max(health) < 0.5, health
