@@ -49,6 +49,22 @@ def delivered_by_key(streams: list[tuple[str, Stream]]) -> dict[str, tuple[int, 
     return {name: (p, c) for name, (p, c) in totals.items()}
 
 
+def truncate_wal(database: Path) -> None:
+    """Checkpoint SQLite's write-ahead log and cut it to nothing, so that every later write needs new disk space."""
+    import sqlite3
+
+    connection = sqlite3.connect(database, timeout=30)
+    try:
+        for _ in range(50):
+            busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the write-ahead log could not be truncated")
+    finally:
+        connection.close()
+
+
 def use_home(patch: pytest.MonkeyPatch, path: Path) -> None:
     patch.setenv("LLMASOS_HOME", str(path))
     patch.delenv("LLMASOS_DATABASE_URL", raising=False)
@@ -142,6 +158,7 @@ def test_a_full_disk_loses_no_bill_and_fails_no_client(tmp_path, long_checkpoint
                 wait_until(lambda: all(s.tokens or s.status not in (None, 200) for _, s in streams), timeout=60)
                 refused_on_quota = [(n, s) for n, s in streams if s.status == 429]
                 streams = [(n, s) for n, s in streams if s.status == 200]
+                truncate_wal(disk.path / "llmasos.db")  # else SQLite may write into WAL space it has already
                 taken = disk.fill()
                 assert taken > 0
                 full_at = time.monotonic()
@@ -150,9 +167,11 @@ def test_a_full_disk_loses_no_bill_and_fails_no_client(tmp_path, long_checkpoint
                                     json={"model": MODEL, "prompt": "x", "max_tokens": 1})
                 if answer.status_code != 200:  # refused before any work (fail closed), never a 500
                     assert_error(answer, 503, "service_unavailable", "metering_unavailable")
-                time.sleep(max(0.0, 2.5 - (time.monotonic() - full_at)))
                 ledger = service._state.ledger
-                assert ledger.failures >= 1, "the full disk did not stop a usage write: the fault did not bite"
+                # Full until a usage write failed and a running stream ended (its final write with it).
+                wait_until(lambda: ledger.failures >= 1 and any((s.finished_at or 0) > full_at for _, s in streams),
+                           timeout=60)
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - full_at)))
                 disk.free()
                 freed_at = time.monotonic()
                 for _, stream in streams:
