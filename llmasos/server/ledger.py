@@ -4,9 +4,10 @@ failed batches with backoff, and meanwhile keeps them in an fsync'ed journal und
 is replayed when the database answers again — by this server, or by the next one to start if this one died.
 
 The bound: a kill -9 loses the tokens delivered since the last successful flush or journal write: at most one flush
-interval, plus, while the database is failing, the time one try waits before it fails (SQLite's busy timeout,
-LLMASOS_SQLITE_BUSY_TIMEOUT; PostgreSQL's lock timeout, LLMASOS_DB_LOCK_TIMEOUT); between tries the journal is
-written every interval. If the journal cannot be written either (its disk is full), entries wait in memory.
+interval, plus, while the database is failing, the time one try takes to fail (PostgreSQL's lock timeout,
+LLMASOS_DB_LOCK_TIMEOUT; on SQLite up to twice its busy timeout, LLMASOS_SQLITE_BUSY_TIMEOUT, since the process's
+threads take turns at the file); between tries the journal is written every interval. If the journal cannot be
+written either (its disk is full), entries wait in memory.
 
 Entries carry cumulative counts, so a batch applied twice, or a journal replayed after its entries reached the
 database, bills once. Nothing here ever raises into a request: a bill that cannot be written yet stays in memory and
@@ -272,6 +273,8 @@ class Ledger:
                 self._replay_dead()
             if not batch:
                 continue
+            if backoff:
+                self._journal(batch)  # in an outage, first on disk: the try below may wait its whole timeout
             try:
                 ledger_store.apply([entry for _, entry, _ in batch], self.url)
             except Exception as exc:  # noqa: BLE001 - any failure of the database: journal, then retry
