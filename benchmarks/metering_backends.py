@@ -1,9 +1,9 @@
 """What auth + limits + metering add per request, SQLite against PostgreSQL, at 64 concurrent clients, max_tokens=1.
 
 Two measurements per database:
-  * direct: one request's database work (look the key up, admit it against rpm/tpm/concurrency/quota, write its
-    usage row, release it) back to back in 1 thread (its own cost), then in 64 threads sharing one key: requests/s
-    and p50/p99 of that work;
+  * direct: one request's database work (look the key up, admit it against rpm/tpm/concurrency/quota opening its
+    usage row, write its final usage through the metering ledger, which releases it) back to back in 1 thread (its
+    own cost), then in 64 threads sharing one key: requests/s and p50/p99 of that work;
   * end to end: a real `llmasos serve --model DIR` (tiny random model) answering 64 concurrent clients, once with no
     key in the database (no auth, nothing metered by key) and once with a key that has every limit set (high enough
     never to refuse): requests/s and p50/p99 latency of each; "added" is keyed minus keyless.
@@ -53,35 +53,47 @@ def direct(url: str, num_requests: int, clients: int = CLIENTS) -> dict:
     """`clients` threads doing one request's database work each, back to back, all with one key."""
     os.environ["LLMASOS_DATABASE_URL"] = url
     from llmasos.db import dispose_all
-    from llmasos.server.auth import create_key, lookup_key, record_usage
+    from llmasos.server.auth import create_key, lookup_key
+    from llmasos.server.ledger import Ledger
+    from llmasos.server.ledger_store import Entry
     from llmasos.server.metering import Limiter
 
     dispose_all()
-    secret = create_key(f"bench-{os.getpid()}-{time.monotonic_ns()}", **LIMITS)
+    tag = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+    secret = create_key(tag, **LIMITS)
     limiter = Limiter()
+    ledger = Ledger(journal_directory=Path(tempfile.mkdtemp(prefix="bench-journal-")), on_released=limiter.forget)
     latencies: list[float] = []
     lock = threading.Lock()
     per_thread = num_requests // clients
 
-    def work() -> None:
+    def work(thread: int) -> None:
+        """What the server does per request: the admission opens the usage row, the ledger's writer writes the
+        final counts (batched with other threads' requests) and releases the admission; the request waits for it."""
         mine = []
         for i in range(per_thread):
             started = time.perf_counter()
             key = lookup_key(secret)
-            admission = limiter.admit(key, 8, 1)
-            record_usage(key.name, "bench", "completions", f"r{i}", 8, 1, 0.0)
-            limiter.release(admission, 9)
+            record_id = f"{tag}-{thread}-{i}"
+            entry = Entry(record_id=record_id, key_name=key.name, model="bench", route="completions",
+                          request_id=record_id, prompt_tokens=8)
+            admission = limiter.admit(key, 8, 1, entry=entry)
+            ledger.open(entry, written=True)
+            ledger.update(entry, completion_tokens=1)
+            limiter.release_here(admission, 9)
+            ledger.finish(entry).result(timeout=60)
             mine.append(time.perf_counter() - started)
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=work) for _ in range(clients)]
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     result = summary(latencies, time.perf_counter() - started)
+    ledger.close()
     dispose_all()
     return result
 

@@ -87,10 +87,34 @@ def _sqlite_pragmas(connection, _record) -> None:
     # WAL lets the server write usage while the CLI reads; busy_timeout makes writers queue instead of failing.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout() * 1000)}")
     cursor.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def busy_timeout() -> float:
+    """Seconds a SQLite writer waits for another process's write lock before failing (LLMASOS_SQLITE_BUSY_TIMEOUT,
+    default 10)."""
+    value = os.environ.get("LLMASOS_SQLITE_BUSY_TIMEOUT", "")
+    try:
+        return float(value) if value else 10.0
+    except ValueError:
+        raise ValueError(f"LLMASOS_SQLITE_BUSY_TIMEOUT={value!r} is not a number of seconds") from None
+
+
+def bound_lock_wait(connection: Connection) -> None:
+    """PostgreSQL: this transaction waits at most LLMASOS_DB_LOCK_TIMEOUT seconds (default 5) for a lock held by
+    another, then fails — what SQLite's busy timeout does — so that a stuck writer elsewhere turns into an error the
+    caller handles (a 503, a retried usage batch), never into a request that hangs."""
+    if connection.dialect.name != "postgresql":
+        return
+    value = os.environ.get("LLMASOS_DB_LOCK_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else 5.0
+    except ValueError:
+        raise ValueError(f"LLMASOS_DB_LOCK_TIMEOUT={value!r} is not a number of seconds") from None
+    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(seconds * 1000))}"))
 
 
 def import_tables() -> None:

@@ -77,6 +77,24 @@ def test_upgrade_from_the_previous_revision_keeps_keys_and_seeds_the_quota_count
     engine.dispose()
 
 
+def test_upgrade_to_the_ledger_marks_earlier_usage_rows_complete(url):
+    """0004 adds usage.record_id and usage.completed_at: rows written before it were written when their request
+    ended, so they are complete; they have no record id."""
+    migrate(url, "0003")
+    engine = db._new_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO usage (key_name, model, route, request_id, created_at, prompt_tokens, completion_tokens, "
+            "cost) VALUES ('k', 'm', 'completions', 'r', '2026-01-02 03:04:05', 3, 4, 0.0)"))
+    engine.dispose()
+    migrate(url, "head")
+    engine = db._new_engine(url)
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT record_id, completed_at, created_at FROM usage")).one()
+    engine.dispose()
+    assert row[0] is None and str(row[1]) == str(row[2]) and str(row[1]).startswith("2026-01-02 03:04:05")
+
+
 def made_by_create_all(url: str) -> None:
     """What LLMasOS before migrations left: today's initial tables, no alembic_version, a key with usage."""
     migrate(url, db.INITIAL_REVISION)

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from llmasos.engine.async_llm import EngineDeadError
 from llmasos.server.auth import KeyInfo, lookup_key, usage_summary
 from llmasos.server.lifecycle import ModelManager, not_found
+from llmasos.server.metering import metering_unavailable
 from llmasos.server.protocol import APIError, clip
 from llmasos.server.state import ServedModel, ServerSettings, ServerState
 
@@ -223,7 +225,10 @@ class AuthMiddleware:
                 scope.setdefault("state", {})["key"] = None  # this process's own Service
                 return await self.app(scope, receive, send)
             try:
-                key = await run_in_threadpool(authenticate, self.state, headers.get("authorization", ""))
+                try:
+                    key = await run_in_threadpool(authenticate, self.state, headers.get("authorization", ""))
+                except SQLAlchemyError as exc:  # fail closed: no key can be checked, so nothing is served
+                    raise metering_unavailable(exc) from None
             except APIError as error:
                 scope.setdefault("state", {})["error"] = error.message  # for the access log
                 return await error_response(error)(scope, receive, send)
@@ -330,6 +335,15 @@ def create_app(models: dict[str, ServedModel] | ModelManager, settings: ServerSe
     async def _internal_error(_request: Request, exc: Exception):
         log.exception("internal error")  # details go to the log, never to the client
         return error_response(APIError(500, "internal server error", type="server_error"))
+
+    async def start_metering() -> None:
+        await run_in_threadpool(state.ledger.start)
+
+    async def stop_metering() -> None:  # the last usage entries of a server that stops: written or journaled
+        await run_in_threadpool(state.ledger.close)
+
+    app.router.add_event_handler("startup", start_metering)
+    app.router.add_event_handler("shutdown", stop_metering)
 
     @app.get("/health")
     async def health():

@@ -8,7 +8,19 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, Integer, String, false, func, insert, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    UniqueConstraint,
+    false,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from llmasos.db import Base, connection, session
@@ -45,6 +57,7 @@ class ApiKey(Base):
 
 class UsageRecord(Base):
     __tablename__ = "usage"
+    __table_args__ = (UniqueConstraint("record_id", name="uq_usage_record_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key_name: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
@@ -55,6 +68,10 @@ class UsageRecord(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost: Mapped[float] = mapped_column(Float, default=0.0)
+    # The metering ledger (revision 0004): the row exists from admission under an idempotent id and carries the
+    # request's cumulative tokens; completed_at is set by its final write (NULL: still running, or its server died).
+    record_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -154,12 +171,14 @@ def tokens_used(key_name: str) -> int:
 
 def record_usage(key_name: str | None, model: str, route: str, request_id: str, prompt_tokens: int,
                  completion_tokens: int, cost: float) -> None:
-    """One usage row, and the key's quota counter moved by as much, in one transaction (so never one without the
-    other, whichever server writes it)."""
+    """One complete usage row, and the key's quota counter moved by as much, in one transaction (so never one
+    without the other, whichever server writes it). The server meters through its ledger (server/ledger.py)
+    instead, which keeps a row up to date while its request runs."""
+    now = utcnow()
     with connection() as db:
         db.execute(insert(UsageRecord).values(key_name=key_name, model=model, route=route, request_id=request_id,
-                                              created_at=utcnow(), prompt_tokens=prompt_tokens,
-                                              completion_tokens=completion_tokens, cost=cost))
+                                              created_at=now, prompt_tokens=prompt_tokens,
+                                              completion_tokens=completion_tokens, cost=cost, completed_at=now))
         if key_name is not None:
             add_used_tokens(db, key_name, prompt_tokens + completion_tokens)
 

@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from llmasos.server.app import parse_body, use_model
-from llmasos.server.auth import record_usage
 from llmasos.server.protocol import APIError, EmbeddingRequest
 from llmasos.server.state import ServedModel, ServerState
+from llmasos.server.streaming import admit_metered, settle, usage_entry
 
 EMBED_TASK = "embed"
 
@@ -121,21 +121,14 @@ def add_embedding_routes(router: APIRouter, state: ServerState) -> None:
             raise APIError(400, str(exc), param="input") from None
         prompt_tokens = sum(len(ids) for ids in id_lists)
         request.state.usage = (prompt_tokens, 0)
-        admission = await run_in_threadpool(state.limiter.admit, key, prompt_tokens, 0)  # database: off the loop
         request_id = f"embd-{uuid.uuid4().hex}"
-
-        def account() -> None:
-            cost = state.settings.price_table.cost(served.id, served.num_parameters, prompt_tokens, 0)
-            try:
-                record_usage(key.name if key else None, served.id, "embeddings", request_id, prompt_tokens, 0, cost)
-            finally:
-                state.limiter.release(admission, prompt_tokens)
-                state.metrics.prompt_tokens.labels(served.id).inc(prompt_tokens)
-
+        entry = usage_entry(state, served, key, "embeddings", request_id, prompt_tokens)
+        admission = await admit_metered(state, key, entry, 0)  # database: off the loop
         try:
             vectors = (await run_in_threadpool(service.encode_ids, id_lists, prompt_length)).tolist()
         finally:
-            await run_in_threadpool(account)
+            await settle(state, admission, entry)
+            state.metrics.prompt_tokens.labels(served.id).inc(prompt_tokens)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": served.id,

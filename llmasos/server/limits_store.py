@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from llmasos.db import Base, connection
+from llmasos.db import Base, bound_lock_wait, connection
 
 WINDOW_SECONDS = 60.0
 
@@ -72,15 +72,22 @@ class Window:
     used_tokens: int  # metered so far (the quota's count)
 
 
-def _lock_key(db: Connection, key_name: str, now: dt.datetime) -> int:
-    """Take the key's row lock (creating its row on first use); returns the tokens it has used."""
-    statement = (update(KeyCounter).where(KeyCounter.key_name == key_name).values(touched_at=now)
-                 .returning(KeyCounter.used_tokens))
+def _lock_key(db: Connection, key_name: str, now: dt.datetime, billed: int = 0) -> int:
+    """Take the key's row lock (creating its row on first use), counting `billed` tokens in the same statement;
+    returns the tokens it had used before them."""
+    statement = (update(KeyCounter).where(KeyCounter.key_name == key_name)
+                 .values(touched_at=now, used_tokens=KeyCounter.used_tokens + billed).returning(KeyCounter.used_tokens))
     used = db.execute(statement).scalar()
     if used is None:
         ensure_counter(db, key_name)
         used = db.execute(statement).scalar()
-    return int(used or 0)
+    return int(used or 0) - billed
+
+
+def lock_counter(db: Connection, key_name: str) -> None:
+    """Take the key's counter row lock (PostgreSQL; SQLite's write lock covers it) without changing it."""
+    if db.dialect.name == "postgresql":
+        db.execute(select(KeyCounter.key_name).where(KeyCounter.key_name == key_name).with_for_update())
 
 
 def ensure_counter(db: Connection, key_name: str) -> None:
@@ -114,17 +121,23 @@ def _window(db: Connection, key_name: str, now: dt.datetime, used_tokens: int) -
                   used_tokens)
 
 
-def admit(key_name: str, decide, lease_seconds: float) -> tuple[int, Window]:
+def admit(key_name: str, decide, lease_seconds: float, opened=None, billed: int = 0) -> tuple[int, Window]:
     """Admit one request of `key_name` atomically across servers. `decide(window)` returns (sequences,
-    reserved_tokens) to admit or raises (a refusal); returns (admission id, the window before this admission)."""
+    reserved_tokens) to admit or raises (a refusal, which rolls everything back); `opened(db, admission_id)`, if
+    given, runs in the same transaction (the ledger opens the request's usage row there, of `billed` tokens, which
+    the key's counter counts from the statement that locks it: one round trip less under the lock); returns
+    (admission id, the window before this admission)."""
     now = utcnow()
     with connection() as db:
-        used = _lock_key(db, key_name, now)
+        bound_lock_wait(db)
+        used = _lock_key(db, key_name, now, billed)
         window = _window(db, key_name, now, used)
         sequences, reserved = decide(window)
         admission_id = db.execute(insert(AdmissionRow).values(
             key_name=key_name, admitted_at=now, sequences=sequences, reserved_tokens=reserved, released_at=None,
             tokens=0, expires_at=now + dt.timedelta(seconds=lease_seconds)).returning(AdmissionRow.id)).scalar_one()
+        if opened is not None:
+            opened(db, admission_id)
         return admission_id, window
 
 
@@ -146,9 +159,11 @@ def renew(admission_ids: list[int], lease_seconds: float) -> None:
     if not admission_ids:
         return
     expires = utcnow() + dt.timedelta(seconds=lease_seconds)
+    # Locked in ascending id order, as the metering writer's batches lock them: the two never deadlock.
+    ids = select(AdmissionRow.id).where(AdmissionRow.id.in_(admission_ids), AdmissionRow.released_at.is_(None)) \
+        .order_by(AdmissionRow.id).with_for_update()
     with connection() as db:
-        db.execute(update(AdmissionRow).where(AdmissionRow.id.in_(admission_ids), AdmissionRow.released_at.is_(None))
-                   .values(expires_at=expires))
+        db.execute(update(AdmissionRow).where(AdmissionRow.id.in_(ids)).values(expires_at=expires))
 
 
 def add_used_tokens(db: Connection, key_name: str, tokens: int) -> None:

@@ -2,7 +2,9 @@
 controller enforcing requests/tokens per minute, concurrent requests and the token quota, with OpenAI's headers.
 
 The limits live in the database (`limits_store`), so servers sharing one database enforce them together; only the
-fair share of one server (`max_sequences_per_key`) is counted per process."""
+fair share of one server (`max_sequences_per_key`) is counted per process. An admission opens the request's usage
+row in the metering ledger (`ledger_store`); when the database cannot be read or written, admission fails closed
+(a 503), so nothing is served unbilled."""
 
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmasos.server import limits_store
+from sqlalchemy.exc import SQLAlchemyError
+
+from llmasos.server import ledger_store, limits_store
 from llmasos.server.auth import KeyInfo
+from llmasos.server.ledger_store import Entry
 from llmasos.server.limits_store import WINDOW_SECONDS, Window
 from llmasos.server.protocol import APIError
 
@@ -73,6 +78,17 @@ class Admission:
     released: bool = False
     sequences: int = 1
     admission_id: int | None = None  # its row in the database's `admissions`
+
+
+def metering_unavailable(exc: BaseException) -> APIError:
+    """Fail closed: a request that cannot be metered is refused (503, Retry-After), never served unbilled."""
+    text = str(exc).lower()
+    reason = "it is locked by another writer" if "lock" in text else \
+        "its disk is full" if "full" in text or "no space" in text else "it does not answer"
+    log.warning("refusing a metered request: the metering database failed (%s)", str(exc).splitlines()[0][:200])
+    return APIError(503, f"the metering database is unavailable ({reason}): this server refuses metered requests "
+                    "until it answers again; retry shortly", type="service_unavailable",
+                    code="metering_unavailable", headers={"Retry-After": "5"})
 
 
 def lease_seconds() -> float:
@@ -133,10 +149,12 @@ class Limiter:
         return APIError(429, message, type=type, code=code, headers=headers)
 
     def admit(self, key: KeyInfo | None, prompt_tokens: int, max_tokens: int, sequences: int = 1,
-              max_sequences_per_key: int | None = None) -> Admission:
+              max_sequences_per_key: int | None = None, entry: Entry | None = None) -> Admission:
         """Admit a request of `sequences` sequences (prompts x n) or raise a 429 APIError. rpm counts requests;
         concurrency and the key's fair share (`max_sequences_per_key`) count sequences. Caps generation at what the
-        key's quota still allows. Thread-safe; blocking (one database transaction)."""
+        key's quota still allows. `entry`: the request's usage entry, whose row (prompt tokens billed) is written in
+        the admission's transaction. Fails closed: a 503 when the database cannot be read or written. Thread-safe;
+        blocking (one database transaction)."""
         if key is None:
             return Admission(None, None, sequences=sequences)
         if key.max_concurrency and sequences > key.max_concurrency:
@@ -153,12 +171,27 @@ class Limiter:
 
         def decide(window: Window) -> tuple[int, int]:
             decided[:] = self._decide(key, window, prompt_tokens, max_tokens, sequences)
+            if entry is not None:  # its prompt is billed in this transaction: it counts as used, not reserved
+                return sequences, max(0, decided[1] - entry.prompt_tokens)
             return sequences, decided[1]
 
+        def opened(db, admission_id: int) -> None:
+            entry.admission_id = admission_id
+            ledger_store.open_entry(db, entry)
+
         try:
-            admission_id, window = limits_store.admit(key.name, decide, self.lease)
+            admission_id, window = limits_store.admit(
+                key.name, decide, self.lease, opened if entry is not None else None,
+                billed=entry.prompt_tokens + entry.completion_tokens if entry is not None else 0)
+        except SQLAlchemyError as exc:
+            self._give_back(key.name, sequences)
+            if entry is not None:
+                entry.admission_id = None
+            raise metering_unavailable(exc) from None
         except BaseException:
             self._give_back(key.name, sequences)
+            if entry is not None:
+                entry.admission_id = None
             raise
         allowed, reserve = decided
         admission = Admission(key, allowed, reserve, sequences=sequences, admission_id=admission_id)
@@ -207,21 +240,33 @@ class Limiter:
         logged, not raised: the reservation then lapses with its lease."""
         if admission.key is None or admission.released:
             return
+        self.release_here(admission, total_tokens)
+        self.forget(admission.admission_id)
+        try:
+            limits_store.release(admission.admission_id, admission.key.name, total_tokens)
+        except Exception:
+            log.exception("could not release admission %s of key %r; it lapses in %.0f s", admission.admission_id,
+                          admission.key.name, self.lease)
+
+    def forget(self, admission_id: int | None) -> None:
+        """Stop renewing the admission's lease: its release reached the database (the ledger's final write)."""
+        with self._lock:
+            self._live.discard(admission_id)
+
+    def release_here(self, admission: Admission, total_tokens: int) -> None:
+        """This server's side of a release (its fair share, the headers' window), memory only: the ledger's final
+        write releases the admission in the database, and the lease is renewed until it has (`forget`)."""
+        if admission.key is None or admission.released:
+            return
         admission.released = True
         self._give_back(admission.key.name, admission.sequences)
         with self._lock:
-            self._live.discard(admission.admission_id)
             seen = self._seen.get(admission.key.name)
             if seen is not None:
                 at, window = seen
                 self._seen[admission.key.name] = (at, replace(
                     window, in_flight=max(0, window.in_flight - admission.sequences),
                     reserved=max(0, window.reserved - admission.reserved), tokens=window.tokens + total_tokens))
-        try:
-            limits_store.release(admission.admission_id, admission.key.name, total_tokens)
-        except Exception:
-            log.exception("could not release admission %s of key %r; it lapses in %.0f s", admission.admission_id,
-                          admission.key.name, self.lease)
 
     def _start_renewer(self) -> None:
         if self._renewer is None or not self._renewer.is_alive():

@@ -22,11 +22,21 @@ from llmasos.errors import TemplateError
 from llmasos.sampling_params import SamplingParams, StructuredOutputsParams
 from llmasos.server.app import parse_body, use_model
 from llmasos.server.formatting import chat_logprobs, completion_logprobs
+from llmasos.server.ledger_store import Entry
 from llmasos.server.metering import Admission
 from llmasos.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields, StructuredFields
 from llmasos.server.seq2seq_serving import SEQ2SEQ_TASK, check_seq2seq_chat, completion_beams
 from llmasos.server.state import ServedModel, ServerState
-from llmasos.server.streaming import ChunkFormat, ClientGone, Job, MeteredStream, cancel_on_disconnect, sse
+from llmasos.server.streaming import (
+    ChunkFormat,
+    ClientGone,
+    Job,
+    MeteredStream,
+    admit_metered,
+    cancel_on_disconnect,
+    sse,
+    usage_entry,
+)
 from llmasos.tool_calls import ToolCallParser, ToolError, ToolPlan, parse_output, plan_tools, prepare_messages
 
 # Arguments of apply_chat_template that the request sets through its own fields, never through chat_template_kwargs.
@@ -104,7 +114,7 @@ def _check_engine(served: ServedModel) -> None:
 
 
 async def _admit(state: ServerState, served: ServedModel, request: Request, prompts: list[list[int]],
-                 max_tokens: int, n: int) -> tuple[Admission, int]:
+                 max_tokens: int, n: int, entry: Entry) -> tuple[Admission, int]:
     """Limits and the queue: returns the admission and max_tokens capped by the key's remaining quota.
 
     Every sequence (prompts x n) counts against the queue, the key's concurrency and its fair share of the server;
@@ -124,8 +134,8 @@ async def _admit(state: ServerState, served: ServedModel, request: Request, prom
     if waiting + sequences > settings.max_queue:
         raise APIError(503, f"the server is overloaded ({waiting} sequences waiting, this request adds {sequences}); "
                        "retry shortly", type="server_error", code="overloaded", headers={"Retry-After": "1"})
-    admission = await run_in_threadpool(state.limiter.admit, request.state.key, sum(len(p) for p in prompts),
-                                        max_tokens * sequences, sequences, settings.max_sequences_per_key)
+    admission = await admit_metered(state, request.state.key, entry, max_tokens * sequences, sequences,
+                                    settings.max_sequences_per_key)
     if admission.max_completion_tokens is not None:
         max_tokens = min(max_tokens, admission.max_completion_tokens // sequences)
     return admission, max_tokens
@@ -267,12 +277,15 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     await _check_constraint(state, served, constraint, param)
     params.structured_outputs = constraint
     _check_engine(served)
-    admission, max_tokens = await _admit(state, served, request, prompts, max_tokens, body.n)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    entry = usage_entry(state, served, request.state.key, "completions", request_id, sum(len(p) for p in prompts),
+                        params.lora)
+    admission, max_tokens = await _admit(state, served, request, prompts, max_tokens, body.n, entry)
     params.max_tokens = max_tokens
     scores_prompt = body.echo and body.logprobs is not None
     if scores_prompt:  # the prompt's logprobs come from the engine's own prefill of it, under its token budget
         params.prompt_logprobs = body.logprobs
-    job = Job(state, served, "completions", f"cmpl-{uuid.uuid4().hex}", prompts, params, admission, lora=params.lora,
+    job = Job(state, served, "completions", request_id, prompts, params, admission, entry, lora=params.lora,
               beams=beams)
     request.state.job = job  # for the access log: its token counts once the response is sent
     created = int(time.time())
@@ -442,10 +455,11 @@ async def _chat(state: ServerState, request: Request, body: ChatCompletionReques
     params.lora = request.state.lora
     params.structured_outputs = constraint
     _check_engine(served)
-    admission, max_tokens = await _admit(state, served, request, [prompt], requested, body.n)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    entry = usage_entry(state, served, request.state.key, "chat.completions", request_id, len(prompt), params.lora)
+    admission, max_tokens = await _admit(state, served, request, [prompt], requested, body.n, entry)
     params.max_tokens = max_tokens
-    job = Job(state, served, "chat.completions", f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, admission,
-              lora=params.lora)
+    job = Job(state, served, "chat.completions", request_id, [prompt], params, admission, entry, lora=params.lora)
     request.state.job = job
     created = int(time.time())
     headers = state.limiter.headers(request.state.key)

@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from llmasos.server.app import parse_body, use_model
-from llmasos.server.auth import record_usage
 from llmasos.server.embeddings_routes import EMBED_TASK, OneAtATimeService
 from llmasos.server.protocol import APIError, ClassifyRequest, RerankRequest, ScoreRequest
 from llmasos.server.state import ServedModel, ServerState
+from llmasos.server.streaming import admit_metered, settle, usage_entry
 
 CLASSIFY_TASK = "classify"
 MAX_INPUTS = 2048
@@ -159,21 +159,14 @@ async def _metered(state: ServerState, request: Request, served: ServedModel, en
     """Admit the request, run the forward pass in the thread pool, and write its usage there (a database write)."""
     key = request.state.key
     request.state.usage = (prompt_tokens, 0)
-    admission = await run_in_threadpool(state.limiter.admit, key, prompt_tokens, 0)
     request_id = f"{endpoint}-{uuid.uuid4().hex}"
-
-    def account() -> None:
-        cost = state.settings.price_table.cost(served.id, served.num_parameters, prompt_tokens, 0)
-        try:
-            record_usage(key.name if key else None, served.id, endpoint, request_id, prompt_tokens, 0, cost)
-        finally:
-            state.limiter.release(admission, prompt_tokens)
-            state.metrics.prompt_tokens.labels(served.id).inc(prompt_tokens)
-
+    entry = usage_entry(state, served, key, endpoint, request_id, prompt_tokens)
+    admission = await admit_metered(state, key, entry, 0)
     try:
         return request_id, await run_in_threadpool(run)
     finally:
-        await run_in_threadpool(account)
+        await settle(state, admission, entry)
+        state.metrics.prompt_tokens.labels(served.id).inc(prompt_tokens)
 
 
 def _usage(prompt_tokens: int) -> dict[str, int]:

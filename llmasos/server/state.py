@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmasos.server.ledger import Ledger
 from llmasos.server.metering import Limiter, PriceTable
 
 
@@ -159,6 +160,11 @@ class ServerState:
     # A bearer token known only to this process: an in-process Service's own calls (LLMServing's predict) pass auth
     # with it and are metered without a key name; it is never printed, stored or sent anywhere but to ourselves.
     internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    ledger: Ledger | None = None  # the metering writer (made with the state: it releases admissions to the limiter)
+
+    def __post_init__(self) -> None:
+        if self.ledger is None:
+            self.ledger = Ledger(on_released=self.limiter.forget)
 
     def auth_required(self) -> bool:
         """True once any key has been created. Revoked and expired keys count too: revoking the last key must lock

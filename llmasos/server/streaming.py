@@ -18,12 +18,48 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from llmasos.sampling_params import SamplingParams
-from llmasos.server.auth import record_usage
+from llmasos.server.auth import KeyInfo
+from llmasos.server.ledger_store import Entry
 from llmasos.server.metering import Admission
 from llmasos.server.state import ServedModel, ServerState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# How long a request that ended waits for its final usage write (database or journal) before its response ends
+# anyway: normally milliseconds; during an outage the writer keeps the bill and the client is not kept waiting.
+FINAL_WRITE_WAIT = 2.0
+
+
+def usage_entry(state: ServerState, served: ServedModel, key: KeyInfo | None, route: str, request_id: str,
+                prompt_tokens: int, model: str | None = None) -> Entry:
+    """A request's ledger entry, before admission: its prompt tokens and their cost."""
+    model = model or served.id
+    cost = state.settings.price_table.cost(model, served.num_parameters, prompt_tokens, 0, base=served.id)
+    return Entry(record_id=request_id, key_name=key.name if key else None, model=model, route=route,
+                 request_id=request_id, prompt_tokens=prompt_tokens, cost=cost)
+
+
+async def admit_metered(state: ServerState, key: KeyInfo | None, entry: Entry, max_tokens: int, sequences: int = 1,
+                        max_sequences_per_key: int | None = None) -> Admission:
+    """Admit the request (off the event loop: a database transaction, which also opens its usage row) and hand its
+    entry to the ledger."""
+    admission = await run_in_threadpool(state.limiter.admit, key, entry.prompt_tokens, max_tokens, sequences,
+                                        max_sequences_per_key, entry)
+    state.ledger.open(entry, written=admission.admission_id is not None)
+    return admission
+
+
+async def settle(state: ServerState, admission: Admission, entry: Entry) -> None:
+    """The request ended: its final usage goes to the ledger, its limits are given back here, and the response
+    waits (a little) for the final write. Never raises: a bill not written yet stays with the ledger's writer."""
+    try:
+        future = state.ledger.finish(entry)
+        state.limiter.release_here(admission, entry.prompt_tokens + entry.completion_tokens)
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), FINAL_WRITE_WAIT)
+    except asyncio.TimeoutError:
+        log.debug("the usage of request %s is not written yet; the metering writer keeps it", entry.request_id)
+    except Exception:  # noqa: BLE001 - a delivered response is never turned into an error by its bill
+        log.exception("metering request %s failed", entry.request_id)
 
 
 class ClientGone(Exception):
@@ -41,6 +77,7 @@ class Job:
     prompts: list[list[int]]
     params: SamplingParams
     admission: Admission
+    entry: Entry  # its usage in the ledger, opened at admission
     started: float = field(default_factory=time.monotonic)
     completion_tokens: int = 0  # tokens sent to the client: the amount metered
     accounted: bool = False
@@ -61,27 +98,25 @@ class Job:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    def account(self) -> None:
-        """Write usage for exactly the tokens sent, then release the key's limits. Runs once, on every exit."""
+    def metered(self) -> None:
+        """The tokens sent so far, for the ledger's next flush (memory only: safe on the event loop)."""
+        cost = self.state.settings.price_table.cost(self.model, self.served.num_parameters, self.prompt_tokens,
+                                                    self.completion_tokens, base=self.served.id)
+        self.state.ledger.update(self.entry, self.prompt_tokens, self.completion_tokens, cost)
+
+    async def finish(self) -> None:
+        """Final usage for exactly the tokens sent, and the key's limits given back. Runs once, on every exit; never
+        raises (see `settle`)."""
         if self.accounted:
             return
         self.accounted = True
         model_id, metrics = self.model, self.state.metrics
-        key = self.admission.key
-        cost = self.state.settings.price_table.cost(model_id, self.served.num_parameters, self.prompt_tokens,
-                                                    self.completion_tokens, base=self.served.id)
         try:
-            record_usage(key.name if key else None, model_id, self.route, self.request_id, self.prompt_tokens,
-                         self.completion_tokens, cost)
+            self.metered()
         finally:
-            self.state.limiter.release(self.admission, self.prompt_tokens + self.completion_tokens)
             metrics.prompt_tokens.labels(model_id).inc(self.prompt_tokens)
             metrics.generation_tokens.labels(model_id).inc(self.completion_tokens)
-
-    async def finish(self) -> None:
-        """`account` off the event loop (it writes a database row)."""
-        if not self.accounted:
-            await run_in_threadpool(self.account)
+            await settle(self.state, self.admission, self.entry)
 
     async def run(self) -> AsyncIterator[tuple[int, object]]:
         """Deltas of every prompt's request, as (prompt index, RequestOutput), interleaved as they come. Closing
@@ -240,7 +275,9 @@ class MeteredStream(StreamingResponse):
                 await send({"type": "http.response.body", "body": text.encode("utf-8"), "more_body": True})
                 if self.disconnected:  # the connection went away while the chunk waited to be written
                     return
-                self.job.completion_tokens += num_tokens
+                if num_tokens:
+                    self.job.completion_tokens += num_tokens
+                    self.job.metered()
         except Exception:  # noqa: BLE001 - the status line is gone; report in the stream, details only in the log
             log.exception("generation failed during a stream")
             error = {"message": "internal server error: generation stopped", "type": "server_error", "param": None,

@@ -29,6 +29,19 @@ def usage_of(key_name: str) -> dict:
             "completion_tokens": sum(r["completion_tokens"] for r in rows), "cost": sum(r["cost"] for r in rows)}
 
 
+def settled(key_name: str, requests: int = 1) -> bool:
+    """The key has this many usage rows and every one got its final write (the ledger opens a row at admission)."""
+    from sqlalchemy import func, select
+
+    from llmasos.db import session
+
+    with session() as db:
+        rows, running = db.execute(select(func.count(auth.UsageRecord.id),
+                                          func.count(auth.UsageRecord.id) - func.count(auth.UsageRecord.completed_at))
+                                   .where(auth.UsageRecord.key_name == key_name)).one()
+    return rows == requests and running == 0
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -88,7 +101,7 @@ def test_a_disconnected_stream_is_metered_by_exactly_what_was_sent(metered):
                 while read < generated:
                     read += len(next(events)["choices"][0]["logprobs"]["tokens"])
                 response.close()
-                wait_until(lambda: usage_of("hangs-up")["requests"] == 1)
+                wait_until(lambda: settled("hangs-up"))
                 assert usage_of("hangs-up")["completion_tokens"] == read == generated < 2000
     wait_until(lambda: engine_idle(metered))
     assert served.llm.metrics()["kv_cache_usage"] == 0 and served.llm.metrics()["num_running"] == 0
@@ -101,7 +114,7 @@ def test_a_client_that_leaves_mid_stream_aborts_its_engine_request(metered):
     with httpx.stream("POST", metered.base_url + "/v1/completions", json=body, headers=bearer(key)) as response:
         for _, event in zip(range(3), sse_events(response), strict=False):
             read += len(event["choices"][0]["logprobs"]["tokens"])
-    wait_until(lambda: usage_of("leaves")["requests"] == 1)
+    wait_until(lambda: settled("leaves"))
     assert read <= usage_of("leaves")["completion_tokens"] < 2000
     wait_until(lambda: engine_idle(metered))
 
@@ -113,7 +126,7 @@ def test_a_non_streamed_request_whose_client_left_is_aborted_and_bills_no_comple
     with served.llm.engine.lock:  # nothing can be generated before the client gives up
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(metered.base_url + "/v1/completions", json=body, headers=bearer(key), timeout=0.5)
-        wait_until(lambda: usage_of("impatient")["requests"] == 1)
+        wait_until(lambda: settled("impatient"))
     assert usage_of("impatient")["completion_tokens"] == 0
     wait_until(lambda: engine_idle(metered))
 
