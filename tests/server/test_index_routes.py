@@ -15,9 +15,6 @@ from search.support import QUERIES, minilm, sentences
 from llmasos.search import SemanticIndex
 
 SERVED = "minilm"
-# SQLite only: the route's database work is the limiter's admit and record_usage, the very calls /v1/embeddings makes,
-# which the metering and embeddings modules run on both databases; a second MiniLM server here would double the time.
-DATABASES = ("sqlite",)
 
 
 @pytest.fixture(scope="module")
