@@ -74,6 +74,17 @@ def test_a_bad_option_value_is_one_error_line(checkpoint):
     assert_one_error_line(run_cli("generate", "--model", str(checkpoint), "--dtype", "int3", "x"), "int3")
 
 
+@pytest.mark.parametrize("command", [["generate", "--model"], ["run"], ["eval", "perplexity", "--data", "DATA", "-m"],
+                                     ["train", "--data", "DATA", "--output", "OUT", "--max-steps", "1", "--model"]])
+def test_a_device_torch_cannot_parse_is_one_error_line(checkpoint, tmp_path, command):
+    """torch.device("gpu") raises a RuntimeError listing twenty device types; every command says what to use."""
+    data = tmp_path / "text.jsonl"
+    data.write_text('{"text": "To be, or not to be"}\n')
+    args = [str(data) if arg == "DATA" else str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
+    result = run_cli(*args, str(checkpoint), *(["x"] if command[0] in ("generate", "run") else []), "--device", "gpu")
+    assert_one_error_line(result, "device 'gpu' is not supported", "cpu, cuda")
+
+
 class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = str(marker)
