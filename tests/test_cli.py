@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,11 @@ def test_a_pickle_checkpoint_never_runs_through_the_real_command(checkpoint, tmp
     assert "pytorch_model.bin" in lines[0] and "safetensors" in lines[0]
     assert result.stdout == ""
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", [["ps"], ["load", "mine"], ["stop", "mine"]])
+def test_a_server_that_is_not_there_is_one_error_line(command):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    assert_one_error_line(run_cli(*command, "--url", url), "cannot reach a server at", "llmasos serve")
