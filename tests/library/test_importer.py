@@ -128,6 +128,13 @@ def test_cp_shares_files_and_rm_frees_them_last(cli, home, checkpoint):
 def test_rm_unknown_model(cli):
     result = cli("rm", "ghost")
     assert result.exit_code == 1 and "no model named 'ghost'" in result.stderr and "llmasos list" in result.stderr
+    # 'ghost' is not in the catalog, so `llmasos pull ghost` would fail: the message must not suggest it.
+    assert "llmasos pull ghost" not in result.stderr and "llmasos list --available" in result.stderr
+
+
+def test_show_a_catalog_model_not_pulled_yet_suggests_pulling_it(cli):
+    result = cli("show", "qwen3:0.6b")
+    assert result.exit_code == 1 and "`llmasos pull qwen3:0.6b` fetches it" in result.stderr
 
 
 def test_load_unknown_name_says_how_to_get_one(home):
