@@ -241,6 +241,12 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
         return name_or_path.replace(**changes) if changes else name_or_path
     resolved = resolve_model(name_or_path)
     directory = resolve_directory(resolved.path)  # a missing or non-directory path is named here, once
+    if not (directory / "config.json").exists() and (directory / "adapter_config.json").is_file():
+        from llmasos.errors import ModelLoadError
+
+        raise ModelLoadError(f"{directory} is a LoRA adapter, not a model: import it (`llmasos import {directory} "
+                             "--name NAME` makes a model of its base plus the adapter) and use NAME, or serve it on "
+                             f"its base (`llmasos serve --model BASE --lora NAME={directory}`)")
     parameters = dict(resolved.parameters)
     from llmasos.library.quantized import checkpoint_quantization
 

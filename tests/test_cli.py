@@ -120,3 +120,18 @@ def test_a_server_that_is_not_there_is_one_error_line(command):
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     assert_one_error_line(run_cli(*command, "--url", url), "cannot reach a server at", "llmasos serve")
+
+
+def test_a_lora_adapter_directory_given_as_a_model_says_how_to_use_it(checkpoint, tmp_path):
+    """An adapter directory (adapter_config.json, no config.json) given where a model goes: not "config.json not
+    found", but what it is and the two ways to use it."""
+    from llmasos import LLMTrainer, TrainingArguments
+
+    trainer = LLMTrainer.from_pretrained(checkpoint)
+    trainer.train(["To be, or not to be"], args=TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1,
+                                                                  method="lora", save_steps=None, progress_bar=False))
+    adapter = trainer.save_pretrained(tmp_path / "adapter")
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    for args in (["run", str(adapter), "x"], ["generate", "--model", str(adapter), "x"]):
+        assert_one_error_line(run_cli(*args), "is a LoRA adapter, not a model", f"llmasos import {adapter}",
+                              "--lora NAME=")
