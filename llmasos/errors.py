@@ -27,3 +27,12 @@ class TrainingDataError(LLMasOSError, ValueError):
 
 class LibraryError(LLMasOSError, ValueError):
     """A model library operation was refused or failed: bad name, unknown model, invalid checkpoint, failed pull."""
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line for a PyYAML error: 'line L, column C: PROBLEM' (its own message spans four lines, with a caret)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
