@@ -101,6 +101,17 @@ def _is_bundled(row: LibraryModel) -> bool:
                for entry in entries)
 
 
+def _is_repo_id(text: str) -> bool:
+    """Whether `llmasos pull text` would take it as a Hub repo id (not, e.g., the missing path '/models/x')."""
+    from llmasos.library.pull import parse_spec
+
+    try:
+        parse_spec(text)
+    except ValueError:
+        return False
+    return "/" in text
+
+
 def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     """Resolve a library name or a checkpoint directory. Errors name the problem and how to get a model."""
     if isinstance(name_or_path, Path):
@@ -112,7 +123,7 @@ def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     if text and candidate.exists():
         return ResolvedModel(name=candidate.name or text, path=candidate)
     if not is_valid_name(text):
-        hint = f"; to fetch it from the Hugging Face Hub run `llmasos pull {text}`" if text.count("/") == 1 else ""
+        hint = f"; to fetch it from the Hugging Face Hub run `llmasos pull {text}`" if _is_repo_id(text) else ""
         raise ModelLoadError(f"model {text!r} not found: there is no such directory and it is not a library model "
                              f"name{hint}")
     if text == DEFAULT_MODEL_NAME:

@@ -42,6 +42,10 @@ def test_unknown_inputs(home):
         resolve_model("nope")
     with pytest.raises(ModelLoadError, match="not found.*llmasos pull a/b"):
         resolve_model("a/b")
+    for path in ("/missing", "./missing/", "~/missing"):  # a missing path is not a repo id to pull
+        with pytest.raises(ModelLoadError, match="not found") as error:
+            resolve_model(path)
+        assert "llmasos pull" not in str(error.value)
     with pytest.raises(ModelLoadError, match="not found"):
         resolve_model("./missing/dir")
     with pytest.raises(LibraryError, match="NUL"):
