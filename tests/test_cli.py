@@ -135,3 +135,20 @@ def test_a_lora_adapter_directory_given_as_a_model_says_how_to_use_it(checkpoint
     for args in (["run", str(adapter), "x"], ["generate", "--model", str(adapter), "x"]):
         assert_one_error_line(run_cli(*args), "is a LoRA adapter, not a model", f"llmasos import {adapter}",
                               "--lora NAME=")
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(home):
+    """`llmasos show NAME | head -1`: once the reader has gone, writing raises BrokenPipeError; that printed
+    "error: [Errno 32] Broken pipe" (and Python's "Exception ignored" on exit)."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LLMASOS_HOME": str(home),
+           "PYTHONUNBUFFERED": "1"}  # each write reaches the pipe at once, inside the command (as a long output's)
+    process = subprocess.Popen([sys.executable, "-m", "llmasos", "show", "shakespeare:tiny"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
+    process.stdout.close()  # the reader is gone before the table is written
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 1 and stderr == "", (process.returncode, stderr)  # click's quiet exit on EPIPE

@@ -26,6 +26,8 @@ class CLIGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `llmasos show X | head -1`: the reader left; click ends quietly (status 1)
+            raise
         except (LLMasOSError, ValueError, OSError) as exc:
             click.echo(f"error: {_describe(exc)}", err=True)
             sys.exit(1)
