@@ -80,6 +80,15 @@ class Text2TextGenerationPipeline(TextGenerationPipeline):
     task = "text2text-generation"
     kinds = (SEQ2SEQ, DECODER)
 
+    def __call__(self, inputs: str | list, **options: Any) -> list:
+        """As transformers' (and our summarization and translation): a list of strings with one sequence each gives
+        a flat list, one dict per input; the text-generation shape (a list per input) otherwise."""
+        results = super().__call__(inputs, **options)
+        flat = isinstance(inputs, list) and all(isinstance(item, str) for item in inputs)
+        if flat and all(len(entries) == 1 for entries in results):
+            return [entries[0] for entries in results]
+        return results
+
 
 class ChatPipeline(Pipeline):
     """`chat([{"role": "user", "content": "Hi"}])` -> `{"role": "assistant", "content": "..."}`.

@@ -101,5 +101,11 @@ def test_seq2seq_text_generation_is_text2text(t5):
     assert pipeline("text2text-generation", model=t5)("hello", max_new_tokens=6) == [{"generated_text": expected}]
     with pytest.raises(ValueError, match="decoder-only chat model"):
         gen(CONVERSATION)
+    # docs/pipelines.md and transformers: a list of texts gives a flat list (one dict per text) when n is 1; it was
+    # text-generation's list of lists.
+    text2text = pipeline("text2text-generation", model=t5, max_new_tokens=6)
+    assert text2text(["hello", "world"]) == [*text2text("hello"), *text2text("world")]
+    several = text2text(["hello", "world"], num_return_sequences=2, do_sample=True, seed=0)
+    assert [len(entries) for entries in several] == [2, 2]
     with pytest.raises(ModelLoadError, match="chat pipeline cannot run a seq2seq model; it runs decoder models"):
         pipeline("chat", model=t5)
