@@ -94,6 +94,14 @@ def test_chat_needs_a_chat_template_and_a_conversation(base_llm, chat_llm):
         pipeline("chat", model=chat_llm)("not a conversation")
 
 
+@pytest.mark.parametrize("bad", [None, 5, b"bytes"])
+def test_an_input_that_is_not_text_is_a_clear_error(t5, bad):
+    """Was TypeError: 'NoneType' object is not iterable."""
+    with pytest.raises(ValueError, match=f"text-generation takes a string, a conversation or a list of them, not "
+                                         f"{type(bad).__name__}"):
+        pipeline("text-generation", model=t5)(bad)
+
+
 def test_seq2seq_text_generation_is_text2text(t5):
     gen = pipeline("text-generation", model=t5, max_new_tokens=6)
     expected = t5.generate("hello", SamplingParams(max_tokens=6, temperature=0))[0].text
