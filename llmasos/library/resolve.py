@@ -129,6 +129,9 @@ def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     if text == DEFAULT_MODEL_NAME:
         ensure_default_model()
     row = get_model(text)
+    if row is None and text == DEFAULT_MODEL_NAME and BUNDLED_MODEL_DIR.is_dir():
+        raise LibraryError(f"{text} was removed from this library (`llmasos rm`), and a removal is kept; add it "
+                           f"back with `llmasos import {BUNDLED_MODEL_DIR} --name {text} --link`")
     if row is None:
         raise LibraryError(f"no model named {text!r}: it is not in the library (`llmasos list` shows what is) and "
                            f"not a directory; {GET_A_MODEL_HELP}")
@@ -157,5 +160,9 @@ def default_model_name() -> str:
     """The model `llmasos serve` uses without --model: the bundled default, once it is registered."""
     if ensure_default_model() is not None:
         return DEFAULT_MODEL_NAME
+    if BUNDLED_MODEL_DIR.is_dir():  # it ships with the package: it was removed with `llmasos rm`
+        raise LibraryError(f"no model given and the bundled default model ({DEFAULT_MODEL_NAME}) is not installed: "
+                           f"it was removed from this library; add it back with `llmasos import {BUNDLED_MODEL_DIR} "
+                           f"--name {DEFAULT_MODEL_NAME} --link`, or pass --model NAME")
     raise LibraryError(f"no model given and the bundled default model ({DEFAULT_MODEL_NAME}) is not installed: "
                        f"{GET_A_MODEL_HELP}, then pass --model NAME")
