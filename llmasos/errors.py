@@ -35,3 +35,12 @@ class SearchError(LLMasOSError, ValueError):
 
 class IndexNotFoundError(SearchError):
     """No semantic index of that name exists."""
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line for a PyYAML error: 'line L, column C: PROBLEM' (its own message spans four lines, with a caret)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"

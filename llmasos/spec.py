@@ -22,11 +22,18 @@ GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 
 def resolve_device(device: Any = None) -> str:
     """The one rule for a device choice: "auto" (or None) is "cuda" when a CUDA GPU is available, else "cpu"; an
-    explicit device ("cpu", "cuda", "cuda:1", a torch.device) is kept as given."""
-    if device is None or device == "auto":
-        import torch
+    explicit device ("cpu", "cuda", "cuda:1", a torch.device) is kept as given; anything else is a ValueError that
+    names the choices (torch's own message lists twenty device types LLMasOS does not run on)."""
+    import torch
 
+    if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
     return str(device)
 
 
@@ -119,8 +126,7 @@ class ModelSpec:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {self.quantization_group_size!r}")
         if not isinstance(self.dtype, str):
             object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
-        if not isinstance(self.device, str) or self.device == "auto":
-            object.__setattr__(self, "device", resolve_device(self.device))
+        object.__setattr__(self, "device", resolve_device(self.device))
         if isinstance(self.engine, dict):
             object.__setattr__(self, "engine", EngineOptions(**self.engine))
         object.__setattr__(self, "path", str(self.path))
@@ -235,6 +241,12 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, dtype: Any = None, dev
         return name_or_path.replace(**changes) if changes else name_or_path
     resolved = resolve_model(name_or_path)
     directory = resolve_directory(resolved.path)  # a missing or non-directory path is named here, once
+    if not (directory / "config.json").exists() and (directory / "adapter_config.json").is_file():
+        from llmasos.errors import ModelLoadError
+
+        raise ModelLoadError(f"{directory} is a LoRA adapter, not a model: import it (`llmasos import {directory} "
+                             "--name NAME` makes a model of its base plus the adapter) and use NAME, or serve it on "
+                             f"its base (`llmasos serve --model BASE --lora NAME={directory}`)")
     parameters = dict(resolved.parameters)
     from llmasos.library.quantized import checkpoint_quantization
 

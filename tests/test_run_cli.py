@@ -67,6 +67,21 @@ def test_piped_prompt_and_raw_mode(checkpoint, llm):
     assert raw.exit_code == 0 and raw.output == expected + "\n"
 
 
+def test_a_system_prompt_that_cannot_be_used_is_said_to_be_unused(checkpoint, llm, capsys):
+    """--system with --raw (or a model without a chat template) was dropped without a word."""
+    raw = CliRunner().invoke(cli, ["run", str(checkpoint), "To be", "--raw", "--system", "Be brief.",
+                                   "--max-tokens", "5", "--temperature", "0", "--dtype", "float32"])
+    expected = llm.generate("To be", SamplingParams(max_tokens=5, temperature=0))[0].text
+    assert raw.exit_code == 0 and raw.stdout == expected + "\n"
+    assert "the system prompt is not used: --raw completes text as it is" in raw.stderr
+    chat = CliRunner().invoke(cli, ["run", str(checkpoint), "hello", "--system", "Be brief.", "--max-tokens", "2",
+                                    "--dtype", "float32"])
+    assert chat.exit_code == 0 and "not used" not in chat.stderr
+    session = Session(llm, {}, None, raw=True, out=io.StringIO())
+    session.command("/set system Be brief.")
+    assert "the system prompt is not used" in capsys.readouterr().err
+
+
 def test_models_that_cannot_chat_are_refused(tmp_path):
     from encoders_support import make_sentence_transformer, make_t5_checkpoint
 

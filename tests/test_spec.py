@@ -22,6 +22,12 @@ def test_explicit_devices_are_kept(device):
     assert resolve_device(device) == str(device)
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "mps", "meta", ""])
+def test_devices_llmasos_cannot_run_on_are_refused_when_resolved(device):
+    with pytest.raises(ValueError, match=f"device '{device}' is not supported; use auto, cpu, cuda or cuda:N"):
+        resolve_device(device)
+
+
 def test_specs_resolve_auto_once(tmp_path):
     make_checkpoint(tmp_path, family_config("qwen2", num_hidden_layers=1))
     here = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,6 +9,7 @@ import sys
 import click
 
 from llmasos import __version__
+from llmasos.errors import LLMasOSError
 
 # Each module defines `register(cli: click.Group)`; heavy imports (torch) happen inside the commands.
 COMMAND_MODULES = ("generate", "library", "serve", "running", "keys", "database", "train", "evaluate", "run", "index")
@@ -25,7 +26,9 @@ class CLIGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except (ValueError, OSError) as exc:
+        except BrokenPipeError:  # `llmasos show X | head -1`: the reader left; click ends quietly (status 1)
+            raise
+        except (LLMasOSError, ValueError, OSError) as exc:
             click.echo(f"error: {_describe(exc)}", err=True)
             sys.exit(1)
         except Exception as exc:

@@ -114,6 +114,7 @@ def run(model: str, prompt: tuple[str, ...], system: str | None, max_tokens: int
     sampling = {key: value for key, value in (("max_tokens", max_tokens), ("temperature", temperature),
                                               ("seed", seed)) if value is not None}
     session = Session(llm, sampling, system, raw, dtype=dtype, device=device)
+    session.warn_if_system_unused()
     if text:
         session.ask(text)
         click.echo()

@@ -60,6 +60,14 @@ class Session:
     def chat(self) -> bool:
         return not self.raw and self.llm.tokenizer.chat_template is not None
 
+    def warn_if_system_unused(self) -> None:
+        """A system prompt needs a chat template: without one (or with --raw) the text is completed as it is, so say
+        the prompt is not used rather than drop it silently."""
+        if self.chat or self.system is None:
+            return
+        why = "--raw completes text as it is" if self.raw else f"{self.llm.spec.name} has no chat template"
+        _notice(f"(the system prompt is not used: {why})")
+
     @property
     def system_prompt(self) -> str | None:
         return self.system if self.system is not None else self.llm.spec.system
@@ -177,6 +185,7 @@ class Session:
                 return
             self.system = rest.strip('"') if len(rest) >= 2 and rest[0] == rest[-1] == '"' else rest
             _say("Set the system prompt.")
+            self.warn_if_system_unused()
         elif what == "parameter":
             name, _, value = rest.partition(" ")
             try:

@@ -19,17 +19,19 @@ def _client(url: str | None):
 
 
 def _call(url: str | None, method: str, *args):
-    """Call the server; its errors and an unreachable server are one clear line and exit status 1."""
+    """Call the server; its errors and an unreachable server are one `error:` line (as every command's) and exit
+    status 1."""
     from llmasos.client import APIConnectionError, APIError
+    from llmasos.errors import EndpointError
 
     with _client(url) as client:
         try:
             return getattr(client, method)(*args)
         except APIConnectionError:
-            raise click.ClickException(f"cannot reach a server at {client.base_url}: is `llmasos serve` running "
+            raise EndpointError(f"cannot reach a server at {client.base_url}: is `llmasos serve` running "
                                        "(or --url / LLMASOS_BASE_URL wrong)?") from None
         except APIError as exc:
-            raise click.ClickException(exc.message) from None
+            raise EndpointError(exc.message) from None
 
 
 def _until(entry: dict) -> str:

@@ -21,7 +21,9 @@ def _read_recipe(path: Path | None) -> dict[str, Any]:
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+        from llmasos.errors import yaml_problem
+
+        raise ValueError(f"{path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(recipe, dict):
         raise ValueError(f"{path} must hold a mapping of recipe keys ({', '.join(RECIPE_KEYS)})")
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))

@@ -30,6 +30,7 @@ from llmasos.engine.protocol import (
     input_encoder,
     output_decoder,
 )
+from llmasos.errors import LLMasOSError
 from llmasos.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ class EngineDeadError(RuntimeError):
     """The engine stopped (its process died, or its loop failed); requests in flight on it are lost."""
 
 
-class EngineStartError(RuntimeError):
-    """The engine process could not load its model; the message says why."""
+class EngineStartError(LLMasOSError, RuntimeError):
+    """The engine process could not load its model; the message says why (the process's exception, e.g. a
+    ModelLoadError, arrives as text, so this is the error users see: the CLI prints it as one line)."""
 
 
 class InprocClient:

@@ -106,6 +106,12 @@ class InProcessBackend:
         if texts:
             for i, output in zip(texts, self.llm.generate([prompts[i] for i in texts], sampling), strict=True):
                 results[i] = output.text
+        if chats and self.llm.tokenizer.chat_template is None:  # the generic message tells to pass chat_template=
+            from llmasos.errors import EvalDataError
+
+            raise EvalDataError(f"{self.llm.spec.name} has no chat template, so chat prompts (--chat, or \"messages\" "
+                                "in the data) cannot be rendered: drop --chat, or give the model a template (a "
+                                "Modelfile TEMPLATE line, or chat_template.jinja in its directory)")
         if chats:  # through LLM.chat, so a library model's system prompt applies as it does when served
             for i, output in zip(chats, self.llm.chat([prompts[i] for i in chats], sampling), strict=True):
                 results[i] = output.text

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from llmasos.errors import EvalDataError
+from llmasos.errors import EvalDataError, yaml_problem
 from llmasos.eval.backends import GenerationParams, ScoringBackend
 from llmasos.eval.data import read_jsonl, read_texts, sha256_of
 from llmasos.eval.generate import PromptFormat, generate_and_score
@@ -76,7 +76,7 @@ def load_task(path: str | Path) -> Task:
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise EvalDataError(f"{path} is not valid YAML: {exc}") from None
+        raise EvalDataError(f"{path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(spec, dict):
         raise EvalDataError(f"{path} must be a YAML mapping with at least 'task' and 'data'")
     unknown = sorted(set(spec) - TASK_KEYS)

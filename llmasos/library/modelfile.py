@@ -167,13 +167,13 @@ def _check_values(modelfile: Modelfile) -> None:
             raise LibraryError(f"Modelfile TEMPLATE: {exc}") from None
 
 
-def _store_adapter(adapter: str, relative_to: Path, name: str) -> str:
+def _store_adapter(adapter: str, relative_to: Path, name: str, base: LibraryModel) -> str:
     from llmasos.library.validate import inspect_adapter
 
     source = Path(adapter).expanduser()
     if not source.is_absolute():
         source = relative_to / source
-    files = inspect_adapter(source)
+    files = inspect_adapter(source, store.checkpoint_path(base.directory), base.name)
     with store.staging(f"{name}-adapter") as staged:
         for relative in files:
             store.copy_with_hash(source / relative, staged / relative)
@@ -226,7 +226,7 @@ def _create_locked(name: str, modelfile: Modelfile, relative_to: Path | None) ->
     parameters = {**(base.parameters or {}), **modelfile.parameters}
     adapter = base.adapter
     if modelfile.adapter is not None:
-        adapter = _store_adapter(modelfile.adapter, relative_to or Path.cwd(), name)
+        adapter = _store_adapter(modelfile.adapter, relative_to or Path.cwd(), name, base)
     row = copy_row(
         base, name, source_type="derived", base_name=base.name, parameters=parameters,
         system=modelfile.system if modelfile.system is not None else base.system,

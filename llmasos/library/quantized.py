@@ -72,7 +72,7 @@ def create_quantized(name: str, modelfile, relative_to: Path) -> LibraryModel:
     if modelfile.adapter is not None:
         adapter = Path(modelfile.adapter).expanduser()
         adapter = adapter if adapter.is_absolute() else relative_to / adapter
-        inspect_adapter(adapter)
+        inspect_adapter(adapter, base_directory, base.name)
         adapters.append(adapter)
     with store.staging(name) as staged:
         hashes = _write_quantized(base_directory, config_json, adapters, method, group_size, staged)

@@ -97,8 +97,12 @@ def require_model(name: str) -> LibraryModel:
     """The row for `name`, or a LibraryError that says how to see or get models."""
     row = get_model(name)
     if row is None:
-        raise LibraryError(f"no model named {name!r} in the library: `llmasos list` shows the models you have; "
-                           f"`llmasos pull {name}` fetches a catalog model")
+        from llmasos.library.catalog import lookup
+
+        # Suggest `pull NAME` only for a name pull knows: for any other it fails with "not in the catalog".
+        get = (f"`llmasos pull {name}` fetches it" if lookup(name) is not None else
+               "`llmasos list --available` shows the catalog `llmasos pull` fetches from")
+        raise LibraryError(f"no model named {name!r} in the library: `llmasos list` shows the models you have; {get}")
     return row
 
 

@@ -101,6 +101,17 @@ def _is_bundled(row: LibraryModel) -> bool:
                for entry in entries)
 
 
+def _is_repo_id(text: str) -> bool:
+    """Whether `llmasos pull text` would take it as a Hub repo id (not, e.g., the missing path '/models/x')."""
+    from llmasos.library.pull import parse_spec
+
+    try:
+        parse_spec(text)
+    except ValueError:
+        return False
+    return "/" in text
+
+
 def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     """Resolve a library name or a checkpoint directory. Errors name the problem and how to get a model."""
     if isinstance(name_or_path, Path):
@@ -112,12 +123,15 @@ def resolve_model(name_or_path: str | Path) -> ResolvedModel:
     if text and candidate.exists():
         return ResolvedModel(name=candidate.name or text, path=candidate)
     if not is_valid_name(text):
-        hint = f"; to fetch it from the Hugging Face Hub run `llmasos pull {text}`" if text.count("/") == 1 else ""
+        hint = f"; to fetch it from the Hugging Face Hub run `llmasos pull {text}`" if _is_repo_id(text) else ""
         raise ModelLoadError(f"model {text!r} not found: there is no such directory and it is not a library model "
                              f"name{hint}")
     if text == DEFAULT_MODEL_NAME:
         ensure_default_model()
     row = get_model(text)
+    if row is None and text == DEFAULT_MODEL_NAME and BUNDLED_MODEL_DIR.is_dir():
+        raise LibraryError(f"{text} was removed from this library (`llmasos rm`), and a removal is kept; add it "
+                           f"back with `llmasos import {BUNDLED_MODEL_DIR} --name {text} --link`")
     if row is None:
         raise LibraryError(f"no model named {text!r}: it is not in the library (`llmasos list` shows what is) and "
                            f"not a directory; {GET_A_MODEL_HELP}")
@@ -146,5 +160,9 @@ def default_model_name() -> str:
     """The model `llmasos serve` uses without --model: the bundled default, once it is registered."""
     if ensure_default_model() is not None:
         return DEFAULT_MODEL_NAME
+    if BUNDLED_MODEL_DIR.is_dir():  # it ships with the package: it was removed with `llmasos rm`
+        raise LibraryError(f"no model given and the bundled default model ({DEFAULT_MODEL_NAME}) is not installed: "
+                           f"it was removed from this library; add it back with `llmasos import {BUNDLED_MODEL_DIR} "
+                           f"--name {DEFAULT_MODEL_NAME} --link`, or pass --model NAME")
     raise LibraryError(f"no model given and the bundled default model ({DEFAULT_MODEL_NAME}) is not installed: "
                        f"{GET_A_MODEL_HELP}, then pass --model NAME")

@@ -126,8 +126,10 @@ def read_license(directory: Path) -> str | None:
     return str(value) if isinstance(value, (str, int, float)) else None
 
 
-def inspect_adapter(directory: Path) -> list[str]:
-    """Validate a LoRA adapter directory (adapter_config.json + adapter_model.safetensors); return its files."""
+def inspect_adapter(directory: Path, base_checkpoint: Path | None = None, base_name: str = "") -> list[str]:
+    """Validate a LoRA adapter directory (adapter_config.json + adapter_model.safetensors); return its files. With
+    `base_checkpoint`, its LoRA matrices must also fit that base's linear layers (read from config.json alone), so
+    an adapter trained on another model is refused when it is imported, not at its first load."""
     from llmasos.models.loader import check_safetensors
 
     if not directory.is_dir():
@@ -143,7 +145,33 @@ def inspect_adapter(directory: Path) -> list[str]:
     if not isinstance(config, dict):
         raise LibraryError(f"{directory / 'adapter_config.json'} must hold a JSON object")
     try:
-        check_safetensors(directory / "adapter_model.safetensors")
+        header = check_safetensors(directory / "adapter_model.safetensors")
     except LLMasOSError as exc:
         raise LibraryError(f"refused adapter: {exc}") from None
+    if base_checkpoint is not None:
+        _check_adapter_fits(directory, header, base_checkpoint, base_name or base_checkpoint.name)
     return list(ADAPTER_FILES)
+
+
+def _check_adapter_fits(directory: Path, header: dict[str, dict], base_checkpoint: Path, base_name: str) -> None:
+    from llmasos.engine.lora import PEFT_PREFIX, checkpoint_targets
+
+    try:
+        targets = checkpoint_targets(base_checkpoint)
+    except (LLMasOSError, KeyError, TypeError, ValueError):
+        return  # a base whose layers cannot be listed from its config is checked when the adapter is merged
+    for key, info in header.items():
+        module, sep, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not sep or kind not in ("A.weight", "B.weight"):
+            continue  # modules_to_save, embedding adapters: the merge checks them
+        if module not in targets:
+            raise LibraryError(f"refused adapter {directory}: its tensor {key!r} adapts {module!r}, which is not a "
+                               f"linear layer of {base_name!r}; was it trained on another base model? (give the "
+                               "right one with --base, or FROM in a Modelfile)")
+        in_features, out_features = targets[module]
+        shape = list(info.get("shape", []))
+        expected = in_features if kind == "A.weight" else out_features
+        if len(shape) != 2 or shape[1 if kind == "A.weight" else 0] != expected:
+            raise LibraryError(f"refused adapter {directory}: {key!r} has shape {shape}, but {module!r} of "
+                               f"{base_name!r} maps {in_features} -> {out_features} features; was it trained on "
+                               "another base model?")

@@ -181,7 +181,10 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, files: list[Pat
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
     if device.type not in ("cpu", "cuda"):

@@ -81,7 +81,8 @@ class Pipeline:
                 hint = "give a BERT-family encoder (bert, roberta, xlm-roberta), e.g. a sentence-transformers model"
             else:
                 hint = f"it runs {' and '.join(self.kinds)} models"
-            raise ModelLoadError(f"the {self.task} pipeline cannot run a {kind} model; {hint}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ModelLoadError(f"the {self.task} pipeline cannot run {article} {kind} model; {hint}")
         self.model, self.kind = backend, kind
         self.options = self._check_options(options)
 

@@ -19,6 +19,7 @@ class QuestionAnsweringModel(TaskHeadModel):
     """A Bert/RobertaForQuestionAnswering checkpoint and its tokenizer: start and end logits of one window."""
 
     head = QUESTION_ANSWERING
+    needs = "an encoder with a question-answering head (BertForQuestionAnswering, RobertaForQuestionAnswering)"
 
     @property
     def max_length(self) -> int:

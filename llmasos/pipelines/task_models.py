@@ -34,6 +34,7 @@ class TaskHeadModel:
     """A checkpoint with a task head (`head`: one of llmasos.models.heads' kinds) and its tokenizer."""
 
     head = ""
+    needs = "an encoder checkpoint with a task head"  # what the error for a decoder or T5 says to give instead
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: str | None = None) -> None:
         self.model, self.tokenizer, self.path = model, tokenizer, path
@@ -45,6 +46,10 @@ class TaskHeadModel:
         from llmasos.tokenizer import Tokenizer
 
         spec = resolve_spec(model, dtype=dtype, device=device)
+        if spec.kind != "encoder":  # else the trainer's "objective 'mlm' is for encoders" would be the message
+            use = "text-generation" if spec.kind == "decoder" else "text2text-generation"
+            raise ModelLoadError(f"{spec.name} is a {spec.kind} model; this pipeline needs {cls.needs} (use "
+                                 f"pipeline({use!r}, ...) for it)")
         task_model, _ = load_task_model(spec.path, cls.head, "float32" if spec.dtype in ("auto", None)
                                         else spec.dtype, spec.device or "cpu")
         return cls(task_model, Tokenizer.from_dir(spec.directory), spec.path)
@@ -54,6 +59,7 @@ class MaskedLM(TaskHeadModel):
     """A BertForMaskedLM checkpoint with its tokenizer: vocabulary logits at every position."""
 
     head = MASKED_LM
+    needs = "a BERT masked-LM checkpoint (BertForMaskedLM)"
 
     @torch.no_grad()
     def logits(self, input_ids: list[int]) -> torch.Tensor:

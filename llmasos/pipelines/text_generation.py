@@ -40,6 +40,9 @@ class TextGenerationPipeline(Pipeline):
         generation, task = split_options(self.merged(options))
         return_full_text = task.get("return_full_text", self.task != "text2text-generation")
         single = isinstance(inputs, str) or is_conversation(inputs)
+        if not single and not isinstance(inputs, (list, tuple)):  # None, a number: not "object is not iterable"
+            raise ValueError(f"{self.task} takes a string, a conversation or a list of them, not "
+                             f"{type(inputs).__name__}")
         items = [inputs] if single else list(inputs)
         prompts, params = [], []
         for item in items:
@@ -51,7 +54,7 @@ class TextGenerationPipeline(Pipeline):
             elif isinstance(item, str):
                 ids = self.tokenizer.encode(item)
             else:
-                raise ValueError(f"text-generation takes a string, a conversation or a list of them, not "
+                raise ValueError(f"{self.task} takes a string, a conversation or a list of them, not "
                                  f"{type(item).__name__}")
             prompts.append(ids)
             params.append(sampling_params(self.model, generation, len(ids)))
@@ -79,6 +82,15 @@ class Text2TextGenerationPipeline(TextGenerationPipeline):
 
     task = "text2text-generation"
     kinds = (SEQ2SEQ, DECODER)
+
+    def __call__(self, inputs: str | list, **options: Any) -> list:
+        """As transformers' (and our summarization and translation): a list of strings with one sequence each gives
+        a flat list, one dict per input; the text-generation shape (a list per input) otherwise."""
+        results = super().__call__(inputs, **options)
+        flat = isinstance(inputs, list) and all(isinstance(item, str) for item in inputs)
+        if flat and all(len(entries) == 1 for entries in results):
+            return [entries[0] for entries in results]
+        return results
 
 
 class ChatPipeline(Pipeline):

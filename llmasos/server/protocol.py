@@ -185,6 +185,13 @@ class ChatCompletionRequest(SamplingFields, StructuredFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
 
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        # OpenAI's (and vLLM's) rule; without it the alternatives asked for were silently left out
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
 
 class ClassifyRequest(KeepAlive):
     """vLLM's POST /classify: one text or a list of texts for a sequence classifier."""

@@ -314,6 +314,9 @@ class Service:
 
     def predict(self, text: str, api_key: str | None = None, **params: Any) -> str:
         """Complete `text` with the first served model; `params` are completion fields (max_tokens, temperature)."""
+        if self._thread is None or not self._thread.is_alive():
+            state = "is not started" if self._thread is None else "has stopped"
+            raise RuntimeError(f"the service {state}: call service.start() (or use `with service:`) before predict()")
         model_id = next(iter(self.models))
         # Without a key of the caller's, the service's own process-local token: it works once keys exist, too.
         token = api_key or (self._state.internal_token if self._state is not None else None)

@@ -49,6 +49,9 @@ def read_labelled(data: Any, name: str = "train_data", require_label: bool = Tru
             raise TrainingDataError(f"{source}: 'text_pair' must be a string")
         label = item.get("label")
         if label is None and require_label:
+            if "label" in item:  # present but null: "no 'label' (keys: label, text)" would contradict itself
+                raise TrainingDataError(f"{source}: 'label' is null; every classification example needs a label "
+                                        "name (string) or a label id (integer)")
             keys = ", ".join(sorted(map(str, item)))
             raise TrainingDataError(f"{source}: no 'label' (keys: {keys}); every classification example needs one")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):

@@ -84,3 +84,18 @@ def test_bad_examples_and_metrics_are_clear_errors(llm):
         generate_and_score(llm, [{"question": "x", "reference": "y", "_line": 2}], "f1")
     with pytest.raises(EvalDataError, match='"messages" must be a non-empty list'):
         generate_and_score(llm, [{"messages": [{"role": "user"}], "reference": "y"}], "f1")
+
+
+def test_chat_prompts_for_a_model_without_a_chat_template_say_what_to_do(tmp_path):
+    """Was the generic "... or pass `chat_template=` explicitly", which no eval command takes."""
+    from click.testing import CliRunner
+
+    from llmasos.cli.main import cli
+
+    make_checkpoint(tmp_path / "plain", family_config("llama", num_hidden_layers=1), chat_template=None)
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"prompt": "Q: bees make?", "reference": "honey"}\n')
+    result = CliRunner().invoke(cli, ["eval", "generate", "-m", str(tmp_path / "plain"), "--data", str(data),
+                                      "--metric", "f1", "--chat", "--max-tokens", "2"])
+    assert result.exit_code == 1 and result.stderr.strip().startswith("error: plain has no chat template, so chat")
+    assert "drop --chat" in result.stderr and "chat_template=" not in result.stderr

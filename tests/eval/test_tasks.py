@@ -63,6 +63,7 @@ def test_task_yaml_resolves_data_next_to_it_and_takes_few_shot_from_the_head():
     ("task: generate\ndata: x.jsonl\nmetric: f1\nmax_tokens: 0\n", "max_tokens must be a positive integer"),
     ("- a\n- b\n", "must be a YAML mapping"),
     ("task: [unclosed\n", "is not valid YAML"),
+    ("task: generate\n  data: x\n", r"is not valid YAML: line 2, column 7: mapping values are not allowed here$"),
 ])
 def test_bad_task_files(tmp_path, content, message):
     path = tmp_path / "task.yaml"

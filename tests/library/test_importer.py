@@ -128,6 +128,13 @@ def test_cp_shares_files_and_rm_frees_them_last(cli, home, checkpoint):
 def test_rm_unknown_model(cli):
     result = cli("rm", "ghost")
     assert result.exit_code == 1 and "no model named 'ghost'" in result.stderr and "llmasos list" in result.stderr
+    # 'ghost' is not in the catalog, so `llmasos pull ghost` would fail: the message must not suggest it.
+    assert "llmasos pull ghost" not in result.stderr and "llmasos list --available" in result.stderr
+
+
+def test_show_a_catalog_model_not_pulled_yet_suggests_pulling_it(cli):
+    result = cli("show", "qwen3:0.6b")
+    assert result.exit_code == 1 and "`llmasos pull qwen3:0.6b` fetches it" in result.stderr
 
 
 def test_load_unknown_name_says_how_to_get_one(home):
@@ -234,3 +241,25 @@ def test_import_of_an_adapter_of_a_library_model_makes_a_derived_model(cli, chec
     assert cli("import", str(adapter), "--name", "tuned2").exit_code == 0  # the base from adapter_config.json
     missing = cli("import", str(adapter), "--name", "tuned3", "--base", "nope")
     assert missing.exit_code == 1 and "'nope', which is not in the library" in " ".join(missing.stderr.split())
+
+
+def test_import_of_an_adapter_onto_the_wrong_base_is_refused_at_import(cli, home, checkpoint, workdir):
+    """An adapter for another model was imported, and failed only when the model first loaded; now import refuses
+    it naming the tensor, and writes nothing. Two wrong bases: another family (no such layer), and the same family
+    at another width (the shapes differ)."""
+    from support import family_config, make_checkpoint
+
+    assert cli("import", str(checkpoint), "--name", "base:v1").exit_code == 0
+    adapter = _peft_adapter(checkpoint, workdir / "adapter")
+    make_checkpoint(workdir / "gpt2", family_config("gpt2"))
+    make_checkpoint(workdir / "wide", family_config("qwen2", num_hidden_layers=2, hidden_size=96,
+                                                    intermediate_size=128, num_attention_heads=4))
+    assert cli("import", str(workdir / "gpt2"), "--name", "other:gpt2").exit_code == 0
+    assert cli("import", str(workdir / "wide"), "--name", "other:wide").exit_code == 0
+    before = tree(home / "models" / "checkpoints")
+    result = cli("import", str(adapter), "--name", "tuned", "--base", "other:gpt2")
+    assert result.exit_code == 1 and "which is not a linear layer of 'other:gpt2'" in result.stderr, result.output
+    result = cli("import", str(adapter), "--name", "tuned", "--base", "other:wide")
+    assert result.exit_code == 1 and "features; was it trained on another base model?" in result.stderr, result.output
+    assert tree(home / "models" / "checkpoints") == before and cli("show", "tuned").exit_code == 1
+    assert cli("import", str(adapter), "--name", "tuned", "--base", "base:v1").exit_code == 0  # its own base fits

@@ -42,6 +42,10 @@ def test_unknown_inputs(home):
         resolve_model("nope")
     with pytest.raises(ModelLoadError, match="not found.*llmasos pull a/b"):
         resolve_model("a/b")
+    for path in ("/missing", "./missing/", "~/missing"):  # a missing path is not a repo id to pull
+        with pytest.raises(ModelLoadError, match="not found") as error:
+            resolve_model(path)
+        assert "llmasos pull" not in str(error.value)
     with pytest.raises(ModelLoadError, match="not found"):
         resolve_model("./missing/dir")
     with pytest.raises(LibraryError, match="NUL"):
@@ -61,6 +65,15 @@ def test_bundled_default_model_registered_once(cli, home, checkpoint, monkeypatc
     assert ensure_default_model() is None
     with pytest.raises(LibraryError, match="not installed"):
         default_model_name()
+    # ... and what is said then is how to add it back, not to pull another model; the command said works.
+    with pytest.raises(LibraryError, match="was removed from this library") as error:
+        resolve_model(DEFAULT_MODEL_NAME)
+    hint = f"llmasos import {checkpoint} --name {DEFAULT_MODEL_NAME} --link"
+    assert hint in str(error.value) and "llmasos pull" not in str(error.value)
+    with pytest.raises(LibraryError, match="add it back with `" + hint):
+        default_model_name()
+    assert cli(*hint.split()[1:]).exit_code == 0
+    assert resolve_model(DEFAULT_MODEL_NAME).library
 
 
 def test_no_bundled_model_says_how_to_get_one(home):

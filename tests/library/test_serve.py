@@ -108,3 +108,18 @@ def test_serve_without_model_serves_the_bundled_default(env):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_a_model_the_engine_process_cannot_load_is_one_error_line(cli_process, checkpoint, workdir):
+    """The engine process reports a load failure as text (EngineStartError); serve prints it as one `error:` line."""
+    broken = workdir / "broken"
+    broken.mkdir()
+    for item in checkpoint.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = cli_process("serve", "--model", str(broken), "--port", str(free_port()), "--num-threads", "1")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: could not load broken: ") and str(weights) in error, result.stderr

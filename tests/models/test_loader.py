@@ -111,6 +111,8 @@ def test_bad_dtype_and_device_are_explained(checkpoint):
         load_model(checkpoint, dtype="float64")
     with pytest.raises(ModelLoadError, match="device 'meta' is not supported"):
         load_model(checkpoint, device="meta")
+    with pytest.raises(ModelLoadError, match="device 'gpu' is not supported"):
+        load_model(checkpoint, device="gpu")
 
 
 # -- corrupt weights ------------------------------------------------------------------------------------------------

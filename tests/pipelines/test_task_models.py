@@ -118,6 +118,25 @@ def test_text_classification_needs_a_classifier(tmp_path):
         pipeline("fill-mask", model=tmp_path, max_new_tokens=3)
 
 
+def test_fill_mask_on_a_decoder_says_what_it_needs(tmp_path):
+    """Was the trainer's "objective 'mlm' is for encoders; a decoder trains as a causal LM or a classifier"."""
+    from support import make_checkpoint
+
+    make_checkpoint(tmp_path, family_config("qwen2", num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"is a decoder model; this pipeline needs a BERT masked-LM checkpoint "
+                                         r"\(BertForMaskedLM\) \(use pipeline\('text-generation', ...\)"):
+        pipeline("fill-mask", model=tmp_path)
+
+
+def test_a_generating_pipeline_on_an_encoder_says_an_encoder(tmp_path):
+    import transformers as tf
+
+    tf.BertForMaskedLM(bert_config()).save_pretrained(tmp_path)
+    bert_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="text-generation pipeline cannot run an encoder model; it is an encoder"):
+        pipeline("text-generation", model=tmp_path)
+
+
 @pytest.fixture(scope="module")
 def bert_mlm(tmp_path_factory):
     import transformers as tf

@@ -94,6 +94,14 @@ def test_chat_needs_a_chat_template_and_a_conversation(base_llm, chat_llm):
         pipeline("chat", model=chat_llm)("not a conversation")
 
 
+@pytest.mark.parametrize("bad", [None, 5, b"bytes"])
+def test_an_input_that_is_not_text_is_a_clear_error(t5, bad):
+    """Was TypeError: 'NoneType' object is not iterable."""
+    with pytest.raises(ValueError, match=f"text-generation takes a string, a conversation or a list of them, not "
+                                         f"{type(bad).__name__}"):
+        pipeline("text-generation", model=t5)(bad)
+
+
 def test_seq2seq_text_generation_is_text2text(t5):
     gen = pipeline("text-generation", model=t5, max_new_tokens=6)
     expected = t5.generate("hello", SamplingParams(max_tokens=6, temperature=0))[0].text
@@ -101,5 +109,11 @@ def test_seq2seq_text_generation_is_text2text(t5):
     assert pipeline("text2text-generation", model=t5)("hello", max_new_tokens=6) == [{"generated_text": expected}]
     with pytest.raises(ValueError, match="decoder-only chat model"):
         gen(CONVERSATION)
+    # docs/pipelines.md and transformers: a list of texts gives a flat list (one dict per text) when n is 1; it was
+    # text-generation's list of lists.
+    text2text = pipeline("text2text-generation", model=t5, max_new_tokens=6)
+    assert text2text(["hello", "world"]) == [*text2text("hello"), *text2text("world")]
+    several = text2text(["hello", "world"], num_return_sequences=2, do_sample=True, seed=0)
+    assert [len(entries) for entries in several] == [2, 2]
     with pytest.raises(ModelLoadError, match="chat pipeline cannot run a seq2seq model; it runs decoder models"):
         pipeline("chat", model=t5)

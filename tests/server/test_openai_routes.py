@@ -173,3 +173,16 @@ def test_thirty_two_concurrent_streaming_clients_are_all_served(server, referenc
     assert [text for text, _ in results] == [out.text for out in expected]
     assert [usage.completion_tokens for _, usage in results] == [len(out.token_ids) for out in expected]
     wait_until(lambda: engine_idle(server))
+
+
+def test_top_logprobs_without_logprobs_is_a_400(server):
+    """OpenAI's rule (and vLLM's): top_logprobs needs logprobs: true. It was a 200 without any logprobs."""
+    import httpx
+    from conftest import assert_error
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "top_logprobs": 3}
+    error = assert_error(httpx.post(f"{server.base_url}/v1/chat/completions", json=body), 400,
+                         "invalid_request_error")
+    assert "top_logprobs needs logprobs: true" in error["message"]
+    answer = httpx.post(f"{server.base_url}/v1/chat/completions", json={**body, "logprobs": True}).json()
+    assert len(answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3

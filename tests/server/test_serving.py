@@ -29,6 +29,8 @@ def greedy(llm, prompt: str, max_tokens: int) -> str:
 def test_llmserving_from_pretrained_create_service_start_predict_stop(home, checkpoint, reference):
     serving = LLMServing.from_pretrained(checkpoint, dtype="float32")
     service = serving.create_service(port=free_port())
+    with pytest.raises(RuntimeError, match=r"the service is not started: call service.start\(\)"):
+        service.predict(text="To be")  # was httpx's bare "[Errno 111] Connection refused"
     service.start()
     try:
         assert service.predict(text="To be", max_tokens=8, temperature=0) == greedy(reference, "To be", 8)
@@ -37,6 +39,8 @@ def test_llmserving_from_pretrained_create_service_start_predict_stop(home, chec
         service.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(service.base_url + "/health")
+    with pytest.raises(RuntimeError, match="the service has stopped"):
+        service.predict(text="To be")
     with serving.create_service(port=0) as second:  # the context manager starts and stops it; port 0 picks one
         assert second.predict("The quick", max_tokens=5, temperature=0) == greedy(reference, "The quick", 5)
         with pytest.raises(RuntimeError, match="400"):

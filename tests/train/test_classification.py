@@ -201,6 +201,9 @@ def test_bad_labels_are_clear_errors(tmp_path):
         trainer.train([{"text": "a", "label": "pos"}, {"text": "b", "label": 1}], args=args)
     with pytest.raises(TrainingDataError, match=r"line 2: no 'label'"):
         trainer.train(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b"}]), args=args)
+    with pytest.raises(TrainingDataError, match=r"line 2: 'label' is null"):  # not "no 'label' (keys: label, text)"
+        trainer.train(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": None}]),
+                      args=args)
     trainer.train(DATA, args=args)
     with pytest.raises(TrainingDataError, match="unknown label 'maybe'"):
         trainer.evaluate([{"text": "a", "label": "maybe"}], args)

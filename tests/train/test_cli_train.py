@@ -124,6 +124,11 @@ def test_usage_errors(tiny_gpt2, tmp_path):
     bad_recipe.write_text("modle: x\n")
     result = invoke("--config", bad_recipe)
     assert result.exit_code == 1 and "unknown recipe key(s) modle" in result.output
+    bad_recipe.write_text("model: x\n  data: y\n")  # PyYAML's own message is four lines with a caret
+    result = invoke("--config", bad_recipe)
+    assert result.exit_code == 1
+    assert result.output == f"error: {bad_recipe} is not valid YAML: line 2, column 7: mapping values are not " \
+                            "allowed here\n"
 
 
 def test_lora_on_a_bf16_base_saves_a_bf16_model(tmp_path):
