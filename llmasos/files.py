@@ -82,6 +82,16 @@ def _remove_stale(target: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def read_utf8(path: Path, error: type[Exception]) -> str:
+    """A text file's content, or `error` with one line naming the file and what is wrong (not UTF-8, unreadable)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise error(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id runs (on this machine)."""
     try:

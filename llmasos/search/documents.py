@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmasos.errors import SearchError, TrainingDataError
+from llmasos.files import read_utf8
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -117,10 +118,5 @@ def _read_file(path: Path, name: str) -> list[Document]:
     if suffix not in TEXT_SUFFIXES:
         raise SearchError(f"{path}: unsupported data format {suffix or '(no extension)'!r}; use a .jsonl or .json "
                           f"file of {{\"text\": ...}} records, a text file ({', '.join(TEXT_SUFFIXES)}) or a directory")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SearchError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
-    except OSError as exc:
-        raise SearchError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    text = read_utf8(path, SearchError)
     return [Document(name, text, source, line=1, base_offset=0)]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmasos.errors import TrainingDataError
+from llmasos.files import read_utf8
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json")
 RECORD_SHAPES = ("{'text': ...}, {'prompt': ..., 'completion': ...}, {'messages': [{'role': ..., 'content': ...}]} "
@@ -70,13 +71,7 @@ def read_items(path: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> li
     if suffix not in suffixes:
         raise TrainingDataError(f"{path}: unsupported data format {suffix or '(no extension)'!r}; "
                                 f"use {', '.join(suffixes)}")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise TrainingDataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                                "convert it to UTF-8") from None
-    except OSError as exc:
-        raise TrainingDataError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    content = read_utf8(path, TrainingDataError)
     if not content.strip():
         raise TrainingDataError(f"{path} is empty: there is nothing to train on")
     if suffix == ".txt":

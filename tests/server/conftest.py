@@ -158,6 +158,19 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.02) -> None
         time.sleep(interval)
 
 
+def wait_until_healthy(process: subprocess.Popen, base: str, log: Path | None = None, timeout: float = 120) -> None:
+    """Wait until a `llmasos serve` subprocess answers GET /health; fail with its log (or stderr) if it exits."""
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text() if log is not None else process.stderr.read()
+        try:
+            return httpx.get(base + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=timeout, interval=0.2)
+
+
 def engine_idle(service: Service, model: str = MODEL) -> bool:
     """The served engine holds no request and no KV block."""
     stats = service.models[model].llm.metrics()

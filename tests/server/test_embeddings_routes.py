@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_error, openai_client, start_service, wait_until
+from conftest import REPO_ROOT, assert_error, openai_client, start_service, wait_until_healthy
 from encoders_support import MINILM_TEXTS, minilm_dir, reference_embeddings
 
 from llmasos.server.serving import free_port
@@ -103,14 +103,7 @@ def test_llmasos_serve_serves_an_encoder(home):
                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     try:
-        def healthy() -> bool:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=120, interval=0.2)
+        wait_until_healthy(process, f"http://127.0.0.1:{port}")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         ours = torch.tensor([d.embedding for d in client.embeddings.create(model=ENCODER, input=MINILM_TEXTS).data])
         assert cosines(ours, reference_embeddings(minilm_dir(), MINILM_TEXTS)).min() > 0.9999

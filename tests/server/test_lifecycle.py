@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import REPO_ROOT, assert_error, free_port, openai_client, sse_events, wait_until
+from conftest import REPO_ROOT, assert_error, free_port, openai_client, sse_events, wait_until, wait_until_healthy
 from support import family_config, make_checkpoint
 
 from llmasos import LLM
@@ -215,14 +215,7 @@ def test_serve_banner_and_json_access_log(home, checkpoints, tmp_path):
                                    cwd=REPO_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        def healthy() -> bool:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(base + "/health").status_code == 200
-            except httpx.ConnectError:
-                return False
-
-        wait_until(healthy, timeout=120, interval=0.2)
+        wait_until_healthy(process, base, log=log_path)
         secret = create_key("log-reader")  # auth turns on within a second; the log names the key, never the secret
         time.sleep(1.2)
         response = httpx.post(base + "/v1/completions", json={"model": ALPHA, "prompt": "To be", "max_tokens": 3},

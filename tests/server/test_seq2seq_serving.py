@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_error, free_port, openai_client, sse_events, wait_until
+from conftest import REPO_ROOT, assert_error, free_port, openai_client, sse_events, wait_until, wait_until_healthy
 from encoders_support import make_t5_checkpoint, t5_tokenizer
 from support import family_config, make_checkpoint
 
@@ -278,14 +278,7 @@ def test_llmasos_serve_model_dir_serves_a_t5(home, reference):
                                cwd=REPO_ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     try:
-        def healthy() -> bool:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=120, interval=0.2)
+        wait_until_healthy(process, f"http://127.0.0.1:{port}")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["t5-dir"]
         _, generated = transformers_greedy(reference[1], TEXTS[0], 8)

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import REPO_ROOT, cli, create_key, openai_client, sse_events, wait_until
+from conftest import REPO_ROOT, cli, create_key, openai_client, sse_events, wait_until, wait_until_healthy
 
 from llmasos import LLM, LLMServing, SamplingParams
 from llmasos.cli.main import cli as llmasos_cli
@@ -90,14 +90,7 @@ def test_llmasos_serve_routes_several_models_and_drains_on_sigterm(fresh_home, t
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        def healthy() -> bool:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                return httpx.get(base + "/health").status_code == 200
-            except httpx.ConnectError:
-                return False
-
-        wait_until(healthy, timeout=120, interval=0.2)
+        wait_until_healthy(process, base, log=(tmp_path / "serve.log"))
         engines = psutil.Process(process.pid).children()  # one engine process per model
         assert len(engines) == 2
         service = type("Remote", (), {"base_url": base})()
