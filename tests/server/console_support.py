@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -69,10 +69,26 @@ def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
     driver.quit()
 
 
+class _Wait(WebDriverWait):
+    """Also looks again when chromedriver reports an element of a re-rendered page in its own words ("Node with
+    given id does not belong to the document", a WebDriverException, not StaleElementReferenceException)."""
+
+    def until(self, method, message: str = ""):
+        def tolerant(driver):
+            try:
+                return method(driver)
+            except WebDriverException as exc:
+                if "does not belong to the document" in str(exc):
+                    return False
+                raise
+
+        return super().until(tolerant, message)
+
+
 def wait(driver, timeout: float = 20.0) -> WebDriverWait:
     """A wait that looks again when the page reloaded under it (a stale element is not a failure)."""
-    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,
-                                                                                    NoSuchElementException))
+    return _Wait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,
+                                                                             NoSuchElementException))
 
 
 def find(driver, css: str):

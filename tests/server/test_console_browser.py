@@ -277,8 +277,11 @@ def test_pull_a_model_with_live_progress(logged_in, console_server, checkpoint, 
         browser.find_element(By.ID, "pull-start").click()
         state = "const bar = document.getElementById('pull-progress'); " \
                 "return bar ? [bar.dataset.status || '', bar.value, bar.max] : ['reloaded', 0, 0]"
-        wait(browser, 120).until(lambda d: d.execute_script(state)[0] in ("done", "failed", "reloaded"))
-        status, value, maximum = browser.execute_script(state)
+        def settled(driver):  # one reading of the bar, kept: a second one could catch the page reloading
+            reading = driver.execute_script(state)
+            return reading if reading[0] in ("done", "failed", "reloaded") else False
+
+        status, value, maximum = wait(browser, 120).until(settled)
         size = (checkpoint / "model.safetensors").stat().st_size
         if status != "reloaded":  # caught before the page reloads: the bar is full
             assert status == "done" and value == maximum >= size, browser.find_element(By.ID, "pull-message").text
