@@ -3,12 +3,16 @@ module, and real servers on 127.0.0.1 — uvicorn in a background thread — dri
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -156,6 +160,38 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.02) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+@dataclass
+class Statements:
+    executed: list[str] = field(default_factory=list)  # every statement the database saw
+    on_loop: list[str] = field(default_factory=list)  # those run on an event-loop thread ("thread: statement")
+
+
+@contextmanager
+def watch_statements() -> Iterator[Statements]:
+    """The statements the current database sees meanwhile, and which of them ran on an event-loop thread (a
+    server must never block its loop on the database: there must be none)."""
+    from sqlalchemy import event
+
+    from llmasos.db import get_engine
+
+    seen = Statements()
+
+    def check(_connection, _cursor, statement, *_args) -> None:
+        seen.executed.append(statement)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a worker thread: fine
+        seen.on_loop.append(f"{threading.current_thread().name}: {statement[:120]}")
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", check)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", check)
 
 
 def wait_until_healthy(process: subprocess.Popen, base: str, log: Path | None = None, timeout: float = 120) -> None:

@@ -5,16 +5,11 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import httpx
 import pytest
-from conftest import MODEL, start_service
+from conftest import MODEL, start_service, watch_statements
 from encoders_support import minilm_dir
-from sqlalchemy import event
 
-from llmasos.db import get_engine
 from llmasos.server import auth
 
 ENCODER = "minilm"
@@ -25,21 +20,10 @@ def watched(home, checkpoint):
     """A server with keys, and the statements the database saw on an event-loop thread."""
     secret = auth.create_key("watched", rpm=1000, tpm=10**6, token_quota=10**6, max_concurrency=8)
     limited = auth.create_key("limited", rpm=1)
-    on_loop: list[str] = []
-
-    def check(_connection, _cursor, statement, *_args) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # a worker thread: fine
-        on_loop.append(f"{threading.current_thread().name}: {statement[:120]}")
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", check)
-    service = start_service({MODEL: checkpoint, ENCODER: minilm_dir()})
-    yield service, secret, limited, on_loop
-    service.stop()
-    event.remove(engine, "before_cursor_execute", check)
+    with watch_statements() as seen:
+        service = start_service({MODEL: checkpoint, ENCODER: minilm_dir()})
+        yield service, secret, limited, seen.on_loop
+        service.stop()
 
 
 def test_no_database_call_runs_on_the_event_loop(watched):

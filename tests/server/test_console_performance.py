@@ -10,6 +10,7 @@ import time
 
 import console_support as support
 import pytest
+from conftest import watch_statements
 from console_support import BUNDLED, PAGES, find, log_in, logged_in_client
 from sqlalchemy import insert
 
@@ -73,25 +74,7 @@ def test_the_usage_page_loads_in_the_browser_in_under_300_ms(console_server, bro
 
 
 def test_no_console_request_touches_the_database_on_the_event_loop(console_server, admin_key, usage_rows):
-    import asyncio
-    import threading
-
-    from sqlalchemy import event
-
-    from llmasos.db import get_engine
-
-    on_loop: list[str] = []
-
-    def check(_connection, _cursor, statement, *_args) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # a worker thread: fine
-        on_loop.append(f"{threading.current_thread().name}: {statement[:120]}")
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", check)
-    try:
+    with watch_statements() as seen:
         client, token = logged_in_client(console_server, admin_key)  # the login itself looks the key up
         headers = {"x-csrf-token": token}
         for path in (*PAGES, "/console/usage.csv", "/console/api/stats", "/login"):
@@ -100,6 +83,4 @@ def test_no_console_request_touches_the_database_on_the_event_loop(console_serve
         assert client.post("/console/api/keys/revoke", json={"name": "loop-check"}, headers=headers).status_code \
             == 200
         assert client.post("/console/api/keys", json={"name": "<bad>"}, headers=headers).status_code == 400
-    finally:
-        event.remove(engine, "before_cursor_execute", check)
-    assert on_loop == []
+    assert seen.on_loop == []

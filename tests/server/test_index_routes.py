@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from conftest import assert_error, assert_no_leak, start_service
+from conftest import assert_error, assert_no_leak, start_service, watch_statements
 from encoders_support import make_sentence_transformer, minilm_dir
 from search.support import QUERIES, minilm, sentences
 
@@ -20,29 +20,8 @@ SERVED = "minilm"
 @pytest.fixture(scope="module")
 def on_loop(home):
     """Database statements run on an event-loop thread while the module's server answers (there must be none)."""
-    import asyncio
-    import threading
-    import types
-
-    from sqlalchemy import event
-
-    from llmasos.db import get_engine
-
-    seen: list[str] = []
-    executed = []
-
-    def check(_connection, _cursor, statement, *_args) -> None:
-        executed.append(statement)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        seen.append(f"{threading.current_thread().name}: {statement[:120]}")
-
-    engine = get_engine()
-    event.listen(engine, "before_cursor_execute", check)
-    yield types.SimpleNamespace(on_loop=seen, executed=executed)
-    event.remove(engine, "before_cursor_execute", check)
+    with watch_statements() as seen:
+        yield seen
 
 
 @pytest.fixture(scope="module")
