@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from support import CORPUS, VOCAB_SIZE
+from support import CORPUS, VOCAB_SIZE, family_config, hf_tokenizer
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -57,6 +57,31 @@ def bert_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=BackendTokenizer.from_str(_bert_backend_json()),
                                    pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
                                    mask_token="[MASK]")
+
+
+def bert_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A tiny random BertForSequenceClassification with its WordPiece tokenizer."""
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, num_labels=num_labels, pad_token_id=0)
+    torch.manual_seed(seed)
+    tf.BertForSequenceClassification(config).save_pretrained(directory)
+    bert_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def qwen2_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A tiny random Qwen2ForSequenceClassification (last non-pad token pooling) with its tokenizer."""
+    import transformers as tf
+
+    config = family_config("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, num_labels=num_labels)
+    torch.manual_seed(seed)
+    tf.Qwen2ForSequenceClassification(config).save_pretrained(directory)
+    hf_tokenizer(add_bos=False).save_pretrained(directory)
+    return directory
 
 
 def t5_config(**overrides):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_until_healthy
 from sqlalchemy import select
 from support_faults import Stream, write_lock_held
 
@@ -44,16 +44,7 @@ class Server:
                  self.url.rsplit(":", 1)[1], "--dtype", "float32", "--engine-in-process", "--num-threads", "1",
                  "--log-level", "warning"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the server did not start: {self.log.read_text()[-3000:]}")
+        wait_until_healthy(self.process, self.url, log=self.log)
 
     def kill(self) -> float:
         os.killpg(self.process.pid, signal.SIGKILL)

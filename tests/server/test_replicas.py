@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_until_healthy
 
 from llmasos.server.serving import free_port
 
@@ -48,17 +48,7 @@ def start_replica(checkpoint: Path, home: Path, database_url: str) -> Replica:
 
 
 def wait_healthy(replica: Replica, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if replica.process.poll() is not None:
-            raise AssertionError(f"replica exited: {(replica.home / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(replica.url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"replica not healthy: {(replica.home / 'server.log').read_text()[-3000:]}")
+    wait_until_healthy(replica.process, replica.url, log=replica.home / "server.log", timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import httpx
 import pytest
 import torch
 from conftest import assert_error, create_key, start_service
-from encoders_support import bert_tokenizer, minilm_dir, reference_embeddings
-from support import VOCAB_SIZE, family_config, hf_tokenizer
+from encoders_support import bert_classifier, minilm_dir, qwen2_classifier, reference_embeddings
 
 from llmasos.library.importer import import_directory
 from llmasos.server.auth import usage_summary
@@ -22,29 +21,6 @@ from llmasos.server.state import ServerSettings
 BERT, QWEN, CROSS, ENCODER, DECODER = "bert-cls", "qwen-cls", "cross", "minilm", "tiny"
 TEXTS = ["the quick brown fox", "to be or not to be", "operating systems schedule processes", "sea of troubles"]
 QUERY = "which fox is quick"
-
-
-def bert_classifier(directory: Path, num_labels: int, seed: int = 0) -> Path:
-    import transformers as tf
-
-    config = tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0, num_labels=num_labels, pad_token_id=0)
-    torch.manual_seed(seed)
-    tf.BertForSequenceClassification(config).save_pretrained(directory)
-    bert_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def qwen2_classifier(directory: Path, num_labels: int, seed: int = 0) -> Path:
-    import transformers as tf
-
-    config = family_config("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, num_labels=num_labels)
-    torch.manual_seed(seed)
-    tf.Qwen2ForSequenceClassification(config).save_pretrained(directory)
-    hf_tokenizer(add_bos=False).save_pretrained(directory)
-    return directory
 
 
 def hf_logits(directory: Path, texts: list[str], pairs: list[str] | None = None) -> torch.Tensor:

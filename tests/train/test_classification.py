@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from encoders_support import bert_tokenizer
-from support import VOCAB_SIZE, family_config, hf_tokenizer
+from encoders_support import bert_classifier, qwen2_classifier
+from support import VOCAB_SIZE, hf_tokenizer
 
 from llmasos.errors import TrainingDataError
 from llmasos.train import LLMTrainer, TrainingArguments
@@ -30,29 +30,6 @@ LEARNING_RATE = 1e-2
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
-
-
-def bert_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
-    import transformers as tf
-
-    config = tf.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0, num_labels=num_labels, pad_token_id=0)
-    torch.manual_seed(seed)
-    tf.BertForSequenceClassification(config).save_pretrained(directory)
-    bert_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def qwen2_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
-    import transformers as tf
-
-    config = family_config("qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, num_labels=num_labels)
-    torch.manual_seed(seed)
-    tf.Qwen2ForSequenceClassification(config).save_pretrained(directory)
-    hf_tokenizer(add_bos=False).save_pretrained(directory)
-    return directory
 
 
 def roberta_classifier(directory: Path, num_labels: int = 2, seed: int = 0) -> Path:
